@@ -1,0 +1,152 @@
+"""The contract every calibration module fulfils, and the expert-calling helpers
+that make modes, coverage counting and chunking the same for all of them.
+
+Mirrors the constructor contract of upstream llmcompressor 0.10/0.11's
+``MoECalibrationModule`` (removed upstream in 0.12): ``Cls(original, config,
+calibrate_all_experts=True)``, ``is_permanent`` and ``restore(original)``. A module
+written for upstream ports by changing its import; ``@MoECalibrationModule.register``
+still works as a decorator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+
+from .modes import AllExpertsMode, CalibrationMode, RoutedMode, parse_mode
+
+__all__ = ["MoECalibrationModule", "AUTO_CHUNK"]
+
+AUTO_CHUNK = "auto"
+# Floor for the automatic chunk size, so a forward where every expert gets a handful
+# of tokens does not degrade into one expert call per token.
+_MIN_AUTO_CHUNK = 32
+
+
+class MoECalibrationModule(torch.nn.Module):
+    """Temporarily replaces an MoE block during calibration.
+
+    Subclasses keep the original block's submodules (router, experts, shared experts)
+    as their own children under the same names, so parameter objects, module names
+    (recipe targets, checkpoint keys) and offloading are untouched. Their ``forward``
+    returns exactly what the original block returns; they route expert calls through
+    :meth:`run_expert` so that the calibration mode, the coverage counts and chunking
+    apply uniformly.
+    """
+
+    is_permanent: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        original: torch.nn.Module,
+        config: Any,
+        calibrate_all_experts: bool = True,
+        *,
+        mode: CalibrationMode | str | dict | None = None,
+        chunk_size: int | str = AUTO_CHUNK,
+    ):
+        super().__init__()
+        if mode is None:
+            mode = AllExpertsMode() if calibrate_all_experts else RoutedMode()
+        self.calibration_mode: CalibrationMode = parse_mode(mode)
+        self.calibrate_all_experts = isinstance(self.calibration_mode, AllExpertsMode)
+        if chunk_size != AUTO_CHUNK and (
+            not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(
+                f"chunk_size must be a positive int or {AUTO_CHUNK!r}, got "
+                f"{chunk_size!r}"
+            )
+        self.chunk_size = chunk_size
+        self.routed_token_counts: torch.Tensor | None = None
+        self.calibrated_token_counts: torch.Tensor | None = None
+
+    # -- registration (upstream-compatible decorator) ----------------------------
+
+    @classmethod
+    def register(cls, name: str) -> Callable[[type], type]:
+        """``@MoECalibrationModule.register("BlockClassName")``, as upstream had."""
+
+        def decorator(module_cls: type) -> type:
+            from .registry import register
+
+            register(name, module_cls)
+            return module_cls
+
+        return decorator
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def restore(self, original: torch.nn.Module) -> torch.nn.Module:
+        """Module to put back after calibration: the original block (which shares
+        this module's children, so calibration-time quantization stays applied)."""
+        return self if self.is_permanent else original
+
+    # -- helpers for subclasses ---------------------------------------------------
+
+    def init_coverage(self, num_experts: int) -> None:
+        self.routed_token_counts = torch.zeros(num_experts, dtype=torch.long)
+        self.calibrated_token_counts = torch.zeros(num_experts, dtype=torch.long)
+
+    @staticmethod
+    def is_calibrating() -> bool:
+        """True while quantization hooks listen. llmcompressor disables hooks for
+        the sequential pipeline's propagation pass and AWQ's search forwards;
+        extra expert calls there would cost time and observe nothing."""
+        return not HooksMixin._HOOKS_DISABLED
+
+    def select_calibration_tokens(
+        self,
+        routed: torch.Tensor,
+        affinity_fn: Callable[[], torch.Tensor],
+    ) -> torch.Tensor | None:
+        """Per the mode, bool [tokens, experts] of tokens to calibrate on, or None
+        outside calibration (then experts see routed tokens only). Also counts."""
+        if not self.is_calibrating():
+            return None
+        if self.routed_token_counts is None:
+            self.init_coverage(routed.shape[1])
+        mode = self.calibration_mode
+        affinity = affinity_fn() if mode.needs_affinity else None
+        selected = mode.select(routed, affinity, self.calibrated_token_counts)
+        self.routed_token_counts += routed.sum(dim=0).cpu()
+        self.calibrated_token_counts += selected.sum(dim=0).cpu()
+        return selected
+
+    def run_expert(
+        self,
+        expert: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        routed_tokens: torch.Tensor,
+        extra_tokens: torch.Tensor | None,
+        chunk_hint: int,
+    ) -> torch.Tensor | None:
+        """Call ``expert`` on its routed tokens (one call, exactly as the original
+        block does, so outputs are bit-identical), then on ``extra_tokens`` in
+        chunks for statistics only. Never calls an expert with zero tokens: an
+        empty call leaves GPTQ an all-zero Hessian and zeroes the expert.
+
+        :return: the expert's output for ``routed_tokens``, None if there are none
+        """
+        routed_output = None
+        if routed_tokens.numel() > 0:
+            routed_output = expert(hidden_states[routed_tokens])
+        if extra_tokens is not None and extra_tokens.numel() > 0:
+            chunk = self._chunk_length(chunk_hint)
+            with torch.no_grad():
+                for start in range(0, extra_tokens.numel(), chunk):
+                    expert(hidden_states[extra_tokens[start : start + chunk]])
+        return routed_output
+
+    def _chunk_length(self, chunk_hint: int) -> int:
+        # "auto": no larger than the busiest routed call of this forward, so the
+        # all-expert peak stays at the routed peak however many experts there are.
+        if self.chunk_size == AUTO_CHUNK:
+            return max(chunk_hint, _MIN_AUTO_CHUNK)
+        return int(self.chunk_size)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.calibration_mode.spec()}, chunk_size={self.chunk_size}"

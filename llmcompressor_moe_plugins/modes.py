@@ -1,0 +1,164 @@
+"""Calibration modes: which tokens each expert is calibrated on.
+
+A mode never changes a block's output (outputs always combine the real top-k), only
+the set of tokens each expert sees while quantization hooks are listening. Every mode
+starts from the routed tokens and may add more, so one expert call yields both the
+routed outputs and the calibration statistics.
+
+Spelled in recipes, Python and on the CLI as ``"routed"``, ``"all"``,
+``"top_k:N"`` / ``{"top_k": N}`` or ``"min_tokens:K"`` / ``{"min_tokens": K}``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = [
+    "CalibrationMode",
+    "RoutedMode",
+    "AllExpertsMode",
+    "WidenedTopKMode",
+    "MinTokensMode",
+    "parse_mode",
+    "MODE_NAMES",
+]
+
+
+class CalibrationMode(ABC):
+    """Chooses, per expert, the tokens it is calibrated on (a superset of routed)."""
+
+    name: ClassVar[str]
+    # Modes that rank unrouted tokens need router affinities [tokens, experts].
+    needs_affinity: ClassVar[bool] = False
+
+    @abstractmethod
+    def select(
+        self,
+        routed: torch.Tensor,
+        affinity: torch.Tensor | None,
+        calibrated_so_far: torch.Tensor,
+    ) -> torch.Tensor:
+        """
+        :param routed: bool [tokens, experts], True where the router sent the token
+        :param affinity: float [tokens, experts], higher = more preferred by the router
+        :param calibrated_so_far: long [experts], tokens each expert was calibrated
+            on in earlier forwards of this calibration run
+        :return: bool [tokens, experts], a superset of ``routed``
+        """
+
+    def spec(self) -> str:
+        return self.name
+
+
+class RoutedMode(CalibrationMode):
+    """Normal routing only; experts without tokens are not called at all."""
+
+    name = "routed"
+
+    def select(self, routed, affinity, calibrated_so_far):
+        return routed
+
+
+class AllExpertsMode(CalibrationMode):
+    """Every token through every expert."""
+
+    name = "all"
+
+    def select(self, routed, affinity, calibrated_so_far):
+        return torch.ones_like(routed)
+
+
+@dataclass(frozen=True)
+class WidenedTopKMode(CalibrationMode):
+    """Statistics from a widened routing of ``top_k`` experts per token."""
+
+    top_k: int
+    name: ClassVar[str] = "top_k"
+    needs_affinity: ClassVar[bool] = True
+
+    def select(self, routed, affinity, calibrated_so_far):
+        k = min(self.top_k, routed.shape[1])
+        widened = torch.zeros_like(routed)
+        widened.scatter_(1, affinity.topk(k, dim=1).indices, True)
+        return routed | widened
+
+    def spec(self) -> str:
+        return f"top_k:{self.top_k}"
+
+
+@dataclass(frozen=True)
+class MinTokensMode(CalibrationMode):
+    """Routed tokens, topped up to ``min_tokens`` with each starved expert's
+    highest-affinity unrouted tokens. Counts carry across forwards, so an expert
+    that reached the minimum in an earlier batch gets no extra tokens later."""
+
+    min_tokens: int
+    name: ClassVar[str] = "min_tokens"
+    needs_affinity: ClassVar[bool] = True
+
+    def select(self, routed, affinity, calibrated_so_far):
+        selected = routed.clone()
+        have = calibrated_so_far.to(routed.device) + routed.sum(dim=0)
+        missing = (self.min_tokens - have).clamp(min=0)
+        for expert in torch.nonzero(missing).flatten().tolist():
+            candidates = affinity[:, expert].masked_fill(routed[:, expert], -torch.inf)
+            available = int((~routed[:, expert]).sum())
+            take = min(int(missing[expert]), available)
+            if take > 0:
+                selected[candidates.topk(take).indices, expert] = True
+        return selected
+
+    def spec(self) -> str:
+        return f"min_tokens:{self.min_tokens}"
+
+
+MODE_NAMES = ("routed", "all", "top_k:N", "min_tokens:K")
+_PARAMETRIZED = {"top_k": WidenedTopKMode, "min_tokens": MinTokensMode}
+
+
+def parse_mode(spec: Any) -> CalibrationMode:
+    """Turn a recipe/CLI/Python spelling into a mode; raises ValueError naming the fix."""
+    if isinstance(spec, CalibrationMode):
+        return spec
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text == RoutedMode.name:
+            return RoutedMode()
+        if text == AllExpertsMode.name:
+            return AllExpertsMode()
+        if ":" in text:
+            key, _, value = text.partition(":")
+            return _parametrized(key.strip(), value.strip(), spec)
+    elif isinstance(spec, dict) and len(spec) == 1:
+        ((key, value),) = spec.items()
+        return _parametrized(str(key), value, spec)
+    raise ValueError(
+        f"Unknown calibration mode {spec!r}. Use one of {', '.join(MODE_NAMES)} "
+        "(e.g. 'all', 'top_k:8' or {'min_tokens': 64})."
+    )
+
+
+def _parametrized(key: str, value: Any, spec: Any) -> CalibrationMode:
+    if key not in _PARAMETRIZED:
+        raise ValueError(
+            f"Unknown calibration mode {spec!r}: {key!r} is not a mode. "
+            f"Use one of {', '.join(MODE_NAMES)}."
+        )
+    try:
+        number = int(value)
+        if isinstance(value, float | bool) or str(number) != str(value).strip():
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"Calibration mode {spec!r}: {key} needs a positive whole number, "
+            f"got {value!r} (e.g. '{key}:8')."
+        ) from None
+    if number < 1:
+        raise ValueError(
+            f"Calibration mode {spec!r}: {key} must be at least 1, got {number}."
+        )
+    return _PARAMETRIZED[key](number)

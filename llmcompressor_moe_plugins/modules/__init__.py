@@ -1,0 +1,2 @@
+"""One calibration module per MoE architecture. Registered through entry points
+(see pyproject.toml); importing this package registers nothing."""
