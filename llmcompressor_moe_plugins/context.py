@@ -80,9 +80,8 @@ def find_unregistered_moe_blocks(model: torch.nn.Module) -> list[str]:
     found = {
         type(module).__name__
         for module in model.modules()
-        if hasattr(module, "experts") and (
-            hasattr(module, "gate") or hasattr(module, "router")
-        )
+        if hasattr(module, "experts")
+        and (hasattr(module, "gate") or hasattr(module, "router"))
     }
     return sorted(found - known)
 
@@ -107,7 +106,7 @@ def swap_in_calibration_modules(
         mode if mode is not None else ("all" if calibrate_all_experts else "routed")
     )
     # validate every per-class mode up front: a typo must fail before any swap
-    for class_name, spec in (block_modes or {}).items():
+    for spec in (block_modes or {}).values():
         parse_mode(spec)
 
     # Fused 3-D experts have no Linear per expert to hook; use llmcompressor's own

@@ -100,9 +100,11 @@ class CoverageReport:
             f"{'share':>7}",
         ]
         for row in rows[:limit]:
-            flag = "  <- RTN fallback" if (
-                f"{row['block']}.experts.{row['expert']}" in self.rtn_fallback
-            ) else ""
+            flag = (
+                "  <- RTN fallback"
+                if (f"{row['block']}.experts.{row['expert']}" in self.rtn_fallback)
+                else ""
+            )
             lines.append(
                 f"{row['block']:<40} {row['expert']:>6} {row['routed']:>8} "
                 f"{row['calibrated']:>10} {row['routed_share']:>7.1%}{flag}"

@@ -121,7 +121,7 @@ _PARAMETRIZED = {"top_k": WidenedTopKMode, "min_tokens": MinTokensMode}
 
 
 def parse_mode(spec: Any) -> CalibrationMode:
-    """Turn a recipe/CLI/Python spelling into a mode; raises ValueError naming the fix."""
+    """Turn a recipe/CLI/Python spelling into a mode (ValueError names the fix)."""
     if isinstance(spec, CalibrationMode):
         return spec
     if isinstance(spec, str):

@@ -102,10 +102,15 @@ def _index_entry_points() -> dict[str, PluginEntry]:
         winner, losers = candidates[0], candidates[1:]
         # the same distribution seen twice (e.g. an editable and a stale install
         # on sys.path) with the same target is not a real conflict
-        losers = [e for e in losers if (e.distribution, e.target) != (
-            winner.distribution,
-            winner.target,
-        )]
+        losers = [
+            e
+            for e in losers
+            if (e.distribution, e.target)
+            != (
+                winner.distribution,
+                winner.target,
+            )
+        ]
         if losers:
             winner.shadowed = [f"{e.target} ({e.distribution})" for e in losers]
             logger.warning(
@@ -115,9 +120,7 @@ def _index_entry_points() -> dict[str, PluginEntry]:
             )
         index[name] = winner
     if index:
-        logger.debug(
-            f"Indexed MoE calibration plugins: {', '.join(sorted(index))}"
-        )
+        logger.debug(f"Indexed MoE calibration plugins: {', '.join(sorted(index))}")
     return index
 
 
@@ -142,9 +145,10 @@ def _load(entry: PluginEntry) -> type | None:
             f"{entry.distribution}) failed to load and is skipped: {entry.error}"
         )
         return None
-    if not (isinstance(module_class, type) and issubclass(
-        module_class, MoECalibrationModule
-    )):
+    if not (
+        isinstance(module_class, type)
+        and issubclass(module_class, MoECalibrationModule)
+    ):
         entry.error = (
             f"{entry.target} is not a subclass of "
             "llmcompressor_moe_plugins.MoECalibrationModule"
@@ -164,9 +168,10 @@ def register(name: str, module_class: type) -> None:
     Takes precedence over entry points of the same name."""
     from .base import MoECalibrationModule
 
-    if not (isinstance(module_class, type) and issubclass(
-        module_class, MoECalibrationModule
-    )):
+    if not (
+        isinstance(module_class, type)
+        and issubclass(module_class, MoECalibrationModule)
+    ):
         raise TypeError(
             f"register({name!r}, ...) needs a subclass of MoECalibrationModule, got "
             f"{module_class!r}"

@@ -7,4 +7,9 @@ from .textbook_moe import (
     TextbookMoeModel,
 )
 
-__all__ = ["MoeLayer", "TextbookMoeConfig", "TextbookMoeForCausalLM", "TextbookMoeModel"]
+__all__ = [
+    "MoeLayer",
+    "TextbookMoeConfig",
+    "TextbookMoeForCausalLM",
+    "TextbookMoeModel",
+]

@@ -98,7 +98,10 @@ class TextbookAttention(nn.Module):
         seq_len = x.shape[-2]
         inv_freq = 1.0 / (
             self.rope_theta
-            ** (torch.arange(0, self.head_dim, 2, device=x.device).float() / self.head_dim)
+            ** (
+                torch.arange(0, self.head_dim, 2, device=x.device).float()
+                / self.head_dim
+            )
         )
         angles = torch.outer(torch.arange(seq_len, device=x.device).float(), inv_freq)
         angles = torch.cat((angles, angles), dim=-1)
@@ -117,7 +120,9 @@ class TextbookAttention(nn.Module):
         key = self._rope(heads(self.k_proj(hidden_states)))
         value = heads(self.v_proj(hidden_states))
 
-        mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=query.device).tril()
+        mask = torch.ones(
+            seq_len, seq_len, dtype=torch.bool, device=query.device
+        ).tril()
         if attention_mask is not None:
             mask = mask[None, None] & attention_mask[:, None, None, :].bool()
             # a fully padded query row would give NaN; let it attend to itself
@@ -148,7 +153,9 @@ class MoeLayer(nn.Module):
     can pass ``[batch, seq, hidden]`` (results on 2-D input are the same).
     """
 
-    def __init__(self, experts: list[nn.Module], gate: nn.Module, num_experts_per_tok: int):
+    def __init__(
+        self, experts: list[nn.Module], gate: nn.Module, num_experts_per_tok: int
+    ):
         super().__init__()
         if len(experts) == 0:
             raise ValueError("MoeLayer needs at least one expert")

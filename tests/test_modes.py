@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from llmcompressor_moe_plugins.modes import (
+    AllExpertsMode,
+    MinTokensMode,
+    RoutedMode,
+    WidenedTopKMode,
+    parse_mode,
+)
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("routed", RoutedMode()),
+        ("all", AllExpertsMode()),
+        ("top_k:4", WidenedTopKMode(4)),
+        ({"top_k": 3}, WidenedTopKMode(3)),
+        ("min_tokens:16", MinTokensMode(16)),
+        ({"min_tokens": 2}, MinTokensMode(2)),
+    ],
+)
+def test_parse_mode(spec, expected):
+    mode = parse_mode(spec)
+    assert type(mode) is type(expected)
+    assert mode.spec() == expected.spec()
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("everything", "Unknown calibration mode"),
+        ("top_k", "Unknown calibration mode"),
+        ("top_k:abc", "needs a positive whole number"),
+        ("top_k:2.5", "needs a positive whole number"),
+        ("min_tokens:0", "must be at least 1"),
+        ({"top_n": 3}, "'top_n' is not a mode"),
+        ({"top_k": True}, "needs a positive whole number"),
+        (3, "Unknown calibration mode"),
+    ],
+)
+def test_parse_mode_errors_name_the_problem(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_mode(spec)
+
+
+# 5 tokens, 3 experts; expert 2 is starved (no routed tokens)
+ROUTED = torch.tensor(
+    [[1, 1, 0], [1, 1, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]], dtype=torch.bool
+)
+AFFINITY = torch.tensor(
+    [
+        [0.9, 0.8, 0.1],
+        [0.7, 0.6, 0.5],
+        [0.9, 0.2, 0.4],
+        [0.1, 0.9, 0.8],
+        [0.8, 0.7, 0.3],
+    ]
+)
+NO_HISTORY = torch.zeros(3, dtype=torch.long)
+
+
+def test_routed_and_all():
+    assert torch.equal(RoutedMode().select(ROUTED, None, NO_HISTORY), ROUTED)
+    assert AllExpertsMode().select(ROUTED, None, NO_HISTORY).all()
+
+
+def test_widened_top_k_adds_the_next_best_experts():
+    selected = WidenedTopKMode(3).select(ROUTED, AFFINITY, NO_HISTORY)
+    assert selected.all()  # top-3 of 3 experts is everything
+    selected = WidenedTopKMode(1).select(ROUTED, AFFINITY, NO_HISTORY)
+    assert torch.equal(selected, ROUTED)  # top-1 is already routed here
+
+
+def test_min_tokens_adds_exactly_the_top_affinity_unrouted_tokens():
+    selected = MinTokensMode(2).select(ROUTED, AFFINITY, NO_HISTORY)
+    # expert 2: tokens 3 (0.8) and 1 (0.5) are its two best
+    assert torch.nonzero(selected[:, 2]).flatten().tolist() == [1, 3]
+    # experts 0 and 1 already have >= 2 routed tokens: unchanged
+    assert torch.equal(selected[:, :2], ROUTED[:, :2])
+    # expert 1 with min 5 gets the one unrouted token (token 2)
+    selected = MinTokensMode(5).select(ROUTED, AFFINITY, NO_HISTORY)
+    assert selected[:, 1].all()
+
+
+def test_min_tokens_counts_earlier_forwards():
+    history = torch.tensor([0, 0, 1])
+    selected = MinTokensMode(2).select(ROUTED, AFFINITY, history)
+    assert torch.nonzero(selected[:, 2]).flatten().tolist() == [3]
