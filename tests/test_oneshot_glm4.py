@@ -23,22 +23,6 @@ TOKENS = NUM_SAMPLES * SEQ_LEN
 MAX_RELATIVE_ERROR = {"w4a16": 0.35, "w8a8": 0.05, "nvfp4": 0.4}
 
 
-def run(model_dir, recipe, tokenizer, data, output_dir, **kwargs):
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    with cpu_only_calibration():
-        oneshot(
-            model=model,
-            processor=tokenizer,
-            dataset=data,
-            recipe=recipe,
-            output_dir=str(output_dir),
-            num_calibration_samples=NUM_SAMPLES,
-            max_seq_length=SEQ_LEN,
-            **kwargs,
-        )
-    return model
-
-
 @pytest.mark.parametrize(
     "recipe_name",
     [
@@ -49,7 +33,7 @@ def run(model_dir, recipe, tokenizer, data, output_dir, **kwargs):
     ],
 )
 def test_glm4_recipe_end_to_end(
-    recipe_name, glm4_dir, tokenizer, calibration_data, tmp_path, record_linear_inputs
+    recipe_name, glm4_dir, tokenizer, calibration_data, tmp_path
 ):
     model = AutoModelForCausalLM.from_pretrained(glm4_dir)
     with cpu_only_calibration():
