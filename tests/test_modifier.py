@@ -1,0 +1,52 @@
+import pytest
+from llmcompressor.modeling.moe.context import moe_calibration_context as upstream_flag
+from llmcompressor.pipelines.registry import CalibrationPipeline
+from llmcompressor.recipe import Recipe
+
+from llmcompressor_moe_plugins import MoECalibrationModifier
+
+
+def test_yaml_recipe_names_the_modifier_and_its_fields():
+    recipe = Recipe.create_instance(
+        "default_stage:\n  default_modifiers:\n"
+        "    MoECalibrationModifier:\n      mode: 'top_k:4'\n"
+        "      block_modes: {Glm4MoeMoE: routed}\n"
+    )
+    (modifier,) = recipe.modifiers
+    assert isinstance(modifier, MoECalibrationModifier)
+    assert modifier.mode == "top_k:4" and modifier.block_modes == {
+        "Glm4MoeMoE": "routed"
+    }
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"mode": "sometimes"}, "mode"),
+        ({"block_modes": {"Glm4MoeMoE": "top_k:0"}}, "block_modes\\['Glm4MoeMoE'\\]"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"calibrat_all_experts": True}, "calibrat_all_experts"),
+    ],
+)
+def test_bad_fields_fail_at_parse_time_naming_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        MoECalibrationModifier(**fields)
+
+
+def test_default_follows_oneshots_flag():
+    modifier = MoECalibrationModifier()
+    assert modifier.resolved_calibrate_all_experts() is False
+    with upstream_flag():  # what oneshot(moe_calibrate_all_experts=True) enters
+        assert modifier.resolved_calibrate_all_experts() is True
+    assert (
+        MoECalibrationModifier(
+            calibrate_all_experts=False
+        ).resolved_calibrate_all_experts()
+        is False
+    )
+
+
+def test_modifier_gets_the_data_free_pipeline():
+    # under oneshot's independent pipeline this means no calibration pass of its own
+    assert CalibrationPipeline._infer_pipeline([MoECalibrationModifier()]) == "datafree"
