@@ -237,7 +237,6 @@ def _read_text_files(paths: list[str], text_column: str):
 
 
 def quantize_command(args: argparse.Namespace) -> int:
-    import torch  # noqa: F401  (import cost paid after argument errors)
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
