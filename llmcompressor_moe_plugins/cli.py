@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibrate experts on routed tokens only (mode 'routed')",
     )
     mode.add_argument(
-        "--mode", help="calibration mode: routed, all, top_k:N, min_tokens:K"
+        "--mode",
+        help="calibration mode: routed, all, top_k:N, min_tokens:K, affinity[:S]",
     )
     quantize.add_argument(
         "--block-mode",

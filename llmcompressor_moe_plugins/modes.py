@@ -6,13 +6,14 @@ starts from the routed tokens and may add more, so one expert call yields both t
 routed outputs and the calibration statistics.
 
 Spelled in recipes, Python and on the CLI as ``"routed"``, ``"all"``,
-``"top_k:N"`` / ``{"top_k": N}`` or ``"min_tokens:K"`` / ``{"min_tokens": K}``.
+``"top_k:N"`` / ``{"top_k": N}``, ``"min_tokens:K"`` / ``{"min_tokens": K}`` or
+``"affinity"`` / ``"affinity:S"`` / ``{"affinity": S}``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "AllExpertsMode",
     "WidenedTopKMode",
     "MinTokensMode",
+    "AffinitySampledMode",
     "parse_mode",
     "MODE_NAMES",
 ]
@@ -116,7 +118,64 @@ class MinTokensMode(CalibrationMode):
         return f"min_tokens:{self.min_tokens}"
 
 
-MODE_NAMES = ("routed", "all", "top_k:N", "min_tokens:K")
+DEFAULT_AFFINITY_STRENGTH = 0.25
+
+
+@dataclass(frozen=True)
+class AffinitySampledMode(CalibrationMode):
+    """Routed tokens, plus each unrouted token with probability
+    ``strength * min(1, affinity / routing threshold)``, where the threshold is the
+    token's lowest affinity among the experts it was routed to.
+
+    Why: all-expert calibration fits every expert to the global token distribution
+    (hurts with ample data), routed calibration leaves starved experts with almost no
+    statistics (hurts with little data). MoEQuant and EAQuant weight each token's
+    contribution to an expert's statistics by its router affinity; sampling with that
+    probability gives the same statistics in expectation (E[sum x x^T] = sum p x x^T)
+    while staying a plain token choice: it works unchanged for GPTQ Hessians, AWQ
+    means and range observers, costs a fraction of ``all``, and cannot change
+    outputs. Near-miss tokens (close to being routed here) are likely picked, far
+    ones rarely. A seeded generator makes runs reproducible.
+    """
+
+    strength: float = DEFAULT_AFFINITY_STRENGTH
+    seed: int = 0
+    name: ClassVar[str] = "affinity"
+    needs_affinity: ClassVar[bool] = True
+    _generator: torch.Generator = field(
+        default=None, compare=False, repr=False, init=False
+    )
+
+    def __post_init__(self):
+        if not 0 < self.strength <= 1:
+            raise ValueError(
+                f"Calibration mode 'affinity:{self.strength}': the strength must be "
+                "in (0, 1] (e.g. 'affinity:0.25'); 1 samples near-miss tokens "
+                "almost surely, small values approach 'routed'."
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        object.__setattr__(self, "_generator", generator)
+
+    def inclusion_probability(
+        self, routed: torch.Tensor, affinity: torch.Tensor
+    ) -> torch.Tensor:
+        """float [tokens, experts]: 1 where routed, else the sampling probability."""
+        affinity = affinity.float().clamp(min=0)
+        threshold = affinity.masked_fill(~routed, torch.inf).min(dim=1).values
+        threshold = threshold.clamp(min=torch.finfo(torch.float32).tiny)
+        ratio = (affinity / threshold[:, None]).clamp(max=1)
+        return torch.where(routed, 1.0, self.strength * ratio)
+
+    def select(self, routed, affinity, calibrated_so_far):
+        probability = self.inclusion_probability(routed, affinity)
+        draws = torch.rand(probability.shape, generator=self._generator)
+        return routed | (draws.to(probability.device) < probability)
+
+    def spec(self) -> str:
+        return f"affinity:{self.strength:g}"
+
+
+MODE_NAMES = ("routed", "all", "top_k:N", "min_tokens:K", "affinity[:S]")
 _PARAMETRIZED = {"top_k": WidenedTopKMode, "min_tokens": MinTokensMode}
 
 
@@ -130,6 +189,8 @@ def parse_mode(spec: Any) -> CalibrationMode:
             return RoutedMode()
         if text == AllExpertsMode.name:
             return AllExpertsMode()
+        if text == AffinitySampledMode.name:
+            return AffinitySampledMode()
         if ":" in text:
             key, _, value = text.partition(":")
             return _parametrized(key.strip(), value.strip(), spec)
@@ -138,11 +199,22 @@ def parse_mode(spec: Any) -> CalibrationMode:
         return _parametrized(str(key), value, spec)
     raise ValueError(
         f"Unknown calibration mode {spec!r}. Use one of {', '.join(MODE_NAMES)} "
-        "(e.g. 'all', 'top_k:8' or {'min_tokens': 64})."
+        "(e.g. 'all', 'top_k:8', {'min_tokens': 64} or 'affinity:0.25')."
     )
 
 
 def _parametrized(key: str, value: Any, spec: Any) -> CalibrationMode:
+    if key == AffinitySampledMode.name:
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            strength = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"Calibration mode {spec!r}: affinity needs a strength in (0, 1], "
+                f"got {value!r} (e.g. 'affinity:0.25')."
+            ) from None
+        return AffinitySampledMode(strength)
     if key not in _PARAMETRIZED:
         raise ValueError(
             f"Unknown calibration mode {spec!r}: {key!r} is not a mode. "

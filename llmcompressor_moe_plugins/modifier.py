@@ -33,7 +33,7 @@ def last_coverage_report() -> CoverageReport | None:
     return _last_report
 
 
-ModeSpec = str | dict[str, int]
+ModeSpec = str | dict[str, int | float]
 
 
 class MoECalibrationModifier(Modifier):
@@ -41,7 +41,8 @@ class MoECalibrationModifier(Modifier):
     :param calibrate_all_experts: shorthand for ``mode: all`` / ``mode: routed``;
         unset, it follows ``oneshot(moe_calibrate_all_experts=...)``
     :param mode: calibration mode for every block: ``routed``, ``all``,
-        ``top_k:N`` or ``min_tokens:K``; overrides ``calibrate_all_experts``
+        ``top_k:N``, ``min_tokens:K`` or ``affinity[:S]``; overrides
+        ``calibrate_all_experts``
     :param block_modes: per MoE block class name, a mode overriding ``mode``
     :param chunk_size: tokens per extra (statistics-only) expert call, or ``auto``
     :param min_tokens: experts calibrated on fewer tokens fail the run ...

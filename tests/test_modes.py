@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from llmcompressor_moe_plugins.modes import (
+    AffinitySampledMode,
     AllExpertsMode,
     MinTokensMode,
     RoutedMode,
@@ -19,6 +20,9 @@ from llmcompressor_moe_plugins.modes import (
         ({"top_k": 3}, WidenedTopKMode(3)),
         ("min_tokens:16", MinTokensMode(16)),
         ({"min_tokens": 2}, MinTokensMode(2)),
+        ("affinity", AffinitySampledMode()),
+        ("affinity:0.5", AffinitySampledMode(0.5)),
+        ({"affinity": 1}, AffinitySampledMode(1.0)),
     ],
 )
 def test_parse_mode(spec, expected):
@@ -38,6 +42,10 @@ def test_parse_mode(spec, expected):
         ({"top_n": 3}, "'top_n' is not a mode"),
         ({"top_k": True}, "needs a positive whole number"),
         (3, "Unknown calibration mode"),
+        ("affinity:0", "strength must be in \\(0, 1\\]"),
+        ("affinity:1.5", "strength must be in \\(0, 1\\]"),
+        ("affinity:high", "affinity needs a strength"),
+        ({"affinity": True}, "affinity needs a strength"),
     ],
 )
 def test_parse_mode_errors_name_the_problem(spec, message):
@@ -88,3 +96,35 @@ def test_min_tokens_counts_earlier_forwards():
     history = torch.tensor([0, 0, 1])
     selected = MinTokensMode(2).select(ROUTED, AFFINITY, history)
     assert torch.nonzero(selected[:, 2]).flatten().tolist() == [3]
+
+
+def test_affinity_probability_is_relative_to_the_routing_threshold():
+    probability = AffinitySampledMode(0.5).inclusion_probability(ROUTED, AFFINITY)
+    # routed tokens always count
+    assert torch.equal(probability[ROUTED], torch.ones(int(ROUTED.sum())))
+    # token 1 routed to experts 0 (0.7) and 1 (0.6): threshold 0.6, expert 2 has
+    # 0.5 -> 0.5 * 0.5 / 0.6; token 3 routed to expert 1 only (0.9): expert 0 has
+    # 0.1 -> 0.5 * 0.1 / 0.9; token 2 (threshold 0.9), expert 2 0.4 -> 0.5 * 0.4/0.9
+    assert probability[1, 2].item() == pytest.approx(0.5 * 0.5 / 0.6)
+    assert probability[3, 0].item() == pytest.approx(0.5 * 0.1 / 0.9)
+    assert probability[2, 2].item() == pytest.approx(0.5 * 0.4 / 0.9)
+    # an unrouted expert scoring above the token's threshold is capped at strength
+    above = AffinitySampledMode(0.5).inclusion_probability(
+        torch.tensor([[False, True]]), torch.tensor([[0.9, 0.3]])
+    )
+    assert above[0, 0].item() == pytest.approx(0.5)
+
+
+def test_affinity_sampling_matches_the_probabilities_and_is_reproducible():
+    routed = torch.zeros(20000, 3, dtype=torch.bool)
+    routed[:, 0] = True
+    affinity = torch.tensor([[0.8, 0.4, 0.08]]).expand(20000, 3)
+    first = AffinitySampledMode(0.5).select(routed, affinity, NO_HISTORY)
+    again = AffinitySampledMode(0.5).select(routed, affinity, NO_HISTORY)
+    assert torch.equal(first, again)  # same seed, same tokens
+    assert first[:, 0].all()  # superset of routed
+    rates = first.float().mean(dim=0)
+    assert rates[1].item() == pytest.approx(0.5 * 0.4 / 0.8, abs=0.015)
+    assert rates[2].item() == pytest.approx(0.5 * 0.08 / 0.8, abs=0.01)
+    other_seed = AffinitySampledMode(0.5, seed=1).select(routed, affinity, NO_HISTORY)
+    assert not torch.equal(first, other_seed)

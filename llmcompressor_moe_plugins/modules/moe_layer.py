@@ -56,7 +56,11 @@ class CalibrationMoeLayer(MoECalibrationModule):
 
         routed = torch.zeros_like(gate_logits, dtype=torch.bool)
         routed.scatter_(1, selected_experts, True)
-        calibrate = self.select_calibration_tokens(routed, lambda: gate_logits)
+        # affinity: the router's softmax over all experts (same ranking as the logits,
+        # but comparable across experts, as the affinity mode's ratios need)
+        calibrate = self.select_calibration_tokens(
+            routed, lambda: F.softmax(gate_logits, dim=1, dtype=torch.float)
+        )
         busiest = int(routed.sum(dim=0).max())
 
         results = torch.zeros_like(inputs)

@@ -27,7 +27,9 @@ def linearized_block(dtype=torch.float32, **overrides):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 9), (2, 33), (45,)])
-@pytest.mark.parametrize("mode", ["routed", "all", "top_k:6", "min_tokens:20"])
+@pytest.mark.parametrize(
+    "mode", ["routed", "all", "top_k:6", "min_tokens:20", "affinity:0.5"]
+)
 def test_output_equals_original_block(dtype, shape, mode):
     block = linearized_block(dtype)
     x = torch.randn(*shape, 128, dtype=dtype)

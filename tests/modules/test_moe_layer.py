@@ -35,7 +35,9 @@ def test_moe_layer_matches_dense_reference():
     torch.testing.assert_close(layer(x), dense_reference(layer, x))
 
 
-@pytest.mark.parametrize("mode", ["routed", "all", "top_k:4", "min_tokens:30"])
+@pytest.mark.parametrize(
+    "mode", ["routed", "all", "top_k:4", "min_tokens:30", "affinity:0.5"]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(7, HIDDEN), (40, HIDDEN), (3, 11, HIDDEN)])
 def test_output_equals_original(mode, dtype, shape):
@@ -143,3 +145,18 @@ def test_a_users_own_copy_of_the_book_layer_is_handled():
         assert torch.equal(model(x), expected)
     assert swapped.coverage().blocks[0].calibrated == [9] * 4
     assert model[0] is block
+
+
+@pytest.mark.parametrize("mode", ["top_k:3", "min_tokens:10", "affinity:0.5"])
+def test_hooks_see_exactly_what_coverage_reports(mode, record_linear_inputs):
+    layer = make_layer()
+    x = torch.randn(32, HIDDEN)
+    calibration = CalibrationMoeLayer(layer, None, mode=mode)
+    recorder = record_linear_inputs(calibration.experts)
+    calibration(x)
+    seen = [recorder.rows.get(f"{e}.gate_proj", 0) for e in range(NUM_EXPERTS)]
+    assert seen == calibration.calibrated_token_counts.tolist()
+    assert (
+        calibration.calibrated_token_counts >= calibration.routed_token_counts
+    ).all()
+    assert all(0 not in calls for calls in recorder.calls.values())
