@@ -1,7 +1,8 @@
 """Mixture-of-Experts calibration for llmcompressor.
 
-Importing the package registers ``MoECalibrationModifier`` with llmcompressor's
-``ModifierFactory`` (so YAML recipes can name it) and the textbook MoE model with
+Importing the package registers ``MoECalibrationModifier`` and
+``SharedHessianGPTQModifier`` with llmcompressor's ``ModifierFactory`` (so YAML
+recipes can name them) and the textbook MoE model with
 transformers' Auto classes. Calibration modules themselves are found through entry
 points and imported only when a model needs them.
 """
@@ -13,12 +14,14 @@ from .models import MoeLayer, TextbookMoeConfig, TextbookMoeForCausalLM
 from .modes import CalibrationMode, parse_mode
 from .modifier import MoECalibrationModifier, last_coverage_report
 from .registry import get_calibration_module, list_plugins, register
+from .shared_hessian_gptq import SharedHessianGPTQModifier
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MoECalibrationModule",
     "MoECalibrationModifier",
+    "SharedHessianGPTQModifier",
     "moe_calibration_context",
     "swap_in_calibration_modules",
     "SwappedBlocks",

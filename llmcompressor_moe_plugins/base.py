@@ -38,6 +38,9 @@ class MoECalibrationModule(torch.nn.Module):
     """
 
     is_permanent: ClassVar[bool] = False
+    # Linears inside an expert that take the expert's input as is; in all-expert
+    # mode they all see the block's input, so GPTQ can share one Hessian for them.
+    expert_input_projections: ClassVar[tuple[str, ...]] = ("gate_proj", "up_proj")
 
     def __init__(
         self,
@@ -84,6 +87,20 @@ class MoECalibrationModule(torch.nn.Module):
         """Module to put back after calibration: the original block (which shares
         this module's children, so calibration-time quantization stays applied)."""
         return self if self.is_permanent else original
+
+    def shared_input_linears(self) -> list[torch.nn.Module]:
+        """Linears whose calibration input is exactly this block's input (every
+        token of every calibrating forward): the input projections of all experts
+        in ``all`` mode, none otherwise. Used by ``SharedHessianGPTQModifier``.
+        Assumes ``self.experts`` holds the experts, as in every module here."""
+        if not isinstance(self.calibration_mode, AllExpertsMode):
+            return []
+        return [
+            linear
+            for expert in getattr(self, "experts", [])
+            for name in self.expert_input_projections
+            if isinstance(linear := getattr(expert, name, None), torch.nn.Linear)
+        ]
 
     # -- helpers for subclasses ---------------------------------------------------
 

@@ -50,6 +50,17 @@ class CalibrationGlm4MoeMoE(MoECalibrationModule):
         self.shared_experts = original.shared_experts
         self.num_experts = experts.num_experts
 
+    def shared_input_linears(self) -> list[torch.nn.Module]:
+        # the shared experts see the whole block input in every forward
+        linears = super().shared_input_linears()
+        if linears:
+            linears += [
+                getattr(self.shared_experts, name)
+                for name in self.expert_input_projections
+                if isinstance(getattr(self.shared_experts, name, None), torch.nn.Linear)
+            ]
+        return linears
+
     def _route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         routing = self.gate(hidden_states)
         if len(routing) == 3:  # transformers 5: (logits, weights, indices)

@@ -1,0 +1,200 @@
+"""GPTQ with one Hessian per distinct input instead of one per Linear.
+
+In all-expert calibration every routed expert's input projections (``gate_proj``,
+``up_proj``) see every token of the block's input, and so do the shared experts':
+their GPTQ Hessians are all ``2 X^T X`` of the same ``X``. Upstream accumulates and
+stores one per Linear (2E+2 matrices of hidden x hidden per layer). This modifier
+accumulates one per MoE block from the block's input and quantizes those Linears
+against it, stacked by rows, so the Hessian is also factorized once per chunk of
+experts instead of once per Linear. Everything else (``down_proj``, attention,
+blocks in routed or sampled modes, distributed runs) takes GPTQ's normal path.
+
+Recipes name it like GPTQ::
+
+    SharedHessianGPTQModifier:
+      targets: [Linear]
+      scheme: W4A16
+"""
+
+from __future__ import annotations
+
+import torch
+from compressed_tensors.offload import disable_offloading
+from compressed_tensors.offload.dist_utils import is_distributed
+from compressed_tensors.quantization import QuantizationStrategy
+from compressed_tensors.utils import (
+    get_execution_device,
+    getattr_chain,
+    match_named_modules,
+)
+from llmcompressor.core import Event, State
+from llmcompressor.modifiers.factory import ModifierFactory
+from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+from llmcompressor.modifiers.gptq.helpers import (
+    GPTQ_PRECISION,
+    accumulate_hessian,
+    update_batch_qparams,
+)
+from loguru import logger
+from pydantic import Field, PrivateAttr
+
+from .base import MoECalibrationModule
+
+__all__ = ["SharedHessianGPTQModifier"]
+
+# Per-row scales let many Linears be quantized as one tall matrix against one
+# Hessian; per-tensor scales (TENSOR, TENSOR_GROUP e.g. NVFP4) cannot be stacked so.
+_ROW_STACKABLE = (QuantizationStrategy.CHANNEL, QuantizationStrategy.GROUP)
+
+
+class SharedHessianGPTQModifier(GPTQModifier):
+    """
+    :param rows_per_call: most weight rows quantized in one GPTQ call for a shared
+        Hessian (bounds the working memory of stacked experts)
+    """
+
+    rows_per_call: int = Field(default=16384, ge=1)
+
+    # block -> the Linears that see exactly its input tokens
+    _shared_members: dict[torch.nn.Module, list[torch.nn.Module]] = PrivateAttr(
+        default_factory=dict
+    )
+    _member_of: dict[torch.nn.Module, torch.nn.Module] = PrivateAttr(
+        default_factory=dict
+    )
+    _shared_hessians: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(
+        default_factory=dict
+    )
+    _shared_num_samples: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(
+        default_factory=dict
+    )
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs):
+        super().on_calibration_start(state, event, **kwargs)
+        targeted = {
+            module
+            for _, module in match_named_modules(
+                state.model, self.resolved_targets, self.ignore
+            )
+            if getattr_chain(module, "quantization_scheme.weights", None) is not None
+        }
+        for block in state.model.modules():
+            if not isinstance(block, MoECalibrationModule):
+                continue
+            members = [m for m in block.shared_input_linears() if m in targeted]
+            if len(members) < 2:
+                continue
+            self._shared_members[block] = members
+            for member in members:
+                self._member_of[member] = block
+            self.register_hook(block, self._accumulate_block_input, "forward")
+        shared = sum(len(m) for m in self._shared_members.values())
+        logger.info(
+            f"Shared Hessians: {shared} Linears in {len(self._shared_members)} MoE "
+            "block(s) share one Hessian per block"
+        )
+
+    def calibrate_module(self, module, args, _output):
+        if module in self._member_of:
+            return  # accumulated once per block in _accumulate_block_input
+        super().calibrate_module(module, args, _output)
+
+    def _accumulate_block_input(self, block, args, _output):
+        representative = self._shared_members[block][0]
+        if block not in self._shared_hessians:
+            device = get_execution_device(representative)
+            width = representative.weight.shape[1]
+            self._shared_hessians[block] = torch.zeros(
+                (width, width), device=device, dtype=GPTQ_PRECISION
+            )
+            self._shared_num_samples[block] = torch.zeros((), device=device)
+        accumulate_hessian(
+            args[0],
+            representative,
+            self._shared_hessians[block],
+            self._shared_num_samples[block],
+        )
+
+    def compress_modules(self):
+        for block in list(self._shared_hessians):
+            hessian = self._shared_hessians.pop(block)
+            num_samples = self._shared_num_samples.pop(block)
+            members = self._shared_members[block]
+            stackable = self._row_stackable(members)
+            if is_distributed() or not stackable:
+                # normal path: every member gets the (same) Hessian object;
+                # prepare_batch divides into a new tensor, so sharing is safe
+                for member in members:
+                    self._hessians[member] = hessian
+                    self._num_samples[member] = num_samples
+                continue
+            self._compress_shared(members, hessian / num_samples)
+        super().compress_modules()
+
+    @staticmethod
+    def _row_stackable(members: list[torch.nn.Module]) -> bool:
+        first = getattr_chain(members[0], "quantization_scheme.weights")
+        return first.strategy in _ROW_STACKABLE and all(
+            getattr_chain(m, "quantization_scheme.weights") == first
+            and m.weight.shape[1] == members[0].weight.shape[1]
+            for m in members
+        )
+
+    def _compress_shared(
+        self, members: list[torch.nn.Module], hessian: torch.Tensor
+    ) -> None:
+        quant_args = getattr_chain(members[0], "quantization_scheme.weights")
+        chunks, rows = [[]], 0
+        for member in members:
+            if chunks[-1] and rows + member.weight.shape[0] > self.rows_per_call:
+                chunks.append([])
+                rows = 0
+            chunks[-1].append(member)
+            rows += member.weight.shape[0]
+        for chunk in chunks:
+            qparams = [m.weight_observer.get_qparams() for m in chunk]
+            with torch.no_grad(), disable_offloading():
+                weights = torch.cat([m.weight for m in chunk]).to(GPTQ_PRECISION)
+                scale = torch.cat([q["scale"] for q in qparams])
+                zero_point = torch.cat([q["zero_point"] for q in qparams])
+                quantized, losses, used_rtn = quantize_weight(
+                    weights=weights.unsqueeze(0),
+                    hessians=hessian.clone().unsqueeze(0),
+                    scale=scale.unsqueeze(0),
+                    zero_point=zero_point.unsqueeze(0),
+                    global_scale=None,
+                    quant_args=quant_args,
+                    blocksize=self.block_size,
+                    percdamp=self.dampening_frac,
+                )
+                sizes = [m.weight.shape[0] for m in chunk]
+                names = [self._module_names[m] for m in chunk]
+                if used_rtn[0].item():
+                    self._rtn_fallback_module_names.extend(names)
+                update_batch_qparams(
+                    chunk,
+                    quantized[0].split(sizes),
+                    scale.split(sizes),
+                    zero_point.split(sizes),
+                    None,
+                    quant_args,
+                )
+            self._num_compressed_modules += len(chunk)
+            logger.info(
+                f"Quantized {len(chunk)} module(s) against one shared Hessian "
+                f"(GPTQ loss {losses[0].item():.4g}): {names[0]} ... {names[-1]}"
+            )
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        if self._shared_hessians:
+            raise ValueError(
+                f"Failed to compress the shared-Hessian Linears of "
+                f"{len(self._shared_hessians)} MoE block(s)"
+            )
+        self._shared_members.clear()
+        self._member_of.clear()
+        return super().on_finalize(state, **kwargs)
+
+
+ModifierFactory.register("SharedHessianGPTQModifier", SharedHessianGPTQModifier)
