@@ -8,7 +8,8 @@ upstream's own runs. Figures per variant:
 - calibration passes: MoE block forwards with quantization hooks listening, divided
   by (MoE blocks x batches); propagation forwards are counted apart
 - peak memory: CPU RSS (sampled, above the level before the run) and, on GPU,
-  ``torch.cuda.max_memory_allocated``
+  ``torch.cuda.max_memory_allocated`` above what was allocated before the run (the
+  model is loaded onto the GPU first, so this is calibration's own memory)
 - tokens per routed expert's ``gate_proj`` during calibration (min / max)
 
     python benchmarks/oneshot_variants.py                     # tiny, CPU, < 1 min
@@ -20,6 +21,7 @@ Prints a table and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -30,6 +32,7 @@ from pathlib import Path
 import psutil
 import torch
 from llmcompressor import oneshot
+from llmcompressor.core import active_session
 from llmcompressor.modeling.moe.linearize import linearize_moe
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.utils.hooks import HooksMixin
@@ -67,16 +70,19 @@ SIZES = {
     ),
 }
 
-# name -> (our mode or None for upstream alone, upstream flag, GPTQ class)
+AUTO, ONE_CALL = "auto", 1 << 30
+# name -> (our mode or None for upstream alone, upstream flag, GPTQ class, chunk)
 VARIANTS = {
-    "upstream all": (None, True, GPTQModifier),
-    "upstream routed": (None, False, GPTQModifier),
-    "ours routed": ("routed", False, GPTQModifier),
-    "ours all": ("all", True, GPTQModifier),
-    "ours all+shared": ("all", True, SharedHessianGPTQModifier),
-    "ours top_k:2x": ("top_k:{2k}", False, GPTQModifier),
-    "ours min_tokens:64": ("min_tokens:64", False, GPTQModifier),
-    "ours affinity": ("affinity", False, GPTQModifier),
+    "upstream all": (None, True, GPTQModifier, AUTO),
+    "upstream routed": (None, False, GPTQModifier, AUTO),
+    "ours routed": ("routed", False, GPTQModifier, AUTO),
+    "ours all": ("all", True, GPTQModifier, AUTO),
+    "ours all+shared": ("all", True, SharedHessianGPTQModifier, AUTO),
+    # one extra call per expert: fewer calls, more activation memory
+    "ours all+shared 1call": ("all", True, SharedHessianGPTQModifier, ONE_CALL),
+    "ours top_k:2x": ("top_k:{2k}", False, GPTQModifier, AUTO),
+    "ours min_tokens:64": ("min_tokens:64", False, GPTQModifier, AUTO),
+    "ours affinity": ("affinity", False, GPTQModifier, AUTO),
 }
 
 
@@ -139,7 +145,7 @@ class PeakRSS:
 
 
 def run_variant(model_dir, tokenizer, data, size, variant, timer, top_k):
-    mode, upstream_flag, gptq_cls = VARIANTS[variant]
+    mode, upstream_flag, gptq_cls, chunk_size = VARIANTS[variant]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=size["dtype"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
@@ -156,16 +162,21 @@ def run_variant(model_dir, tokenizer, data, size, variant, timer, top_k):
     recipe = [gptq_cls(targets=["Linear"], scheme="W4A16", ignore=["lm_head"])]
     if mode is not None:
         mode = mode.replace("{2k}", str(2 * top_k))
-        recipe.insert(0, MoECalibrationModifier(mode=mode, rtn_fallback=True))
+        recipe.insert(
+            0,
+            MoECalibrationModifier(mode=mode, chunk_size=chunk_size, rtn_fallback=True),
+        )
     # linearized here (oneshot would do it first thing) so rows can be counted
     linearize_moe(model)
     for name, module in model.named_modules():
         if ".experts." in name and name.endswith("gate_proj"):
             module.register_forward_pre_hook(counter(name))
     timer.reset()
+    gpu_start = 0
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        gpu_start = torch.cuda.memory_allocated()
     with PeakRSS() as rss:
         start = time.perf_counter()
         oneshot(
@@ -182,14 +193,23 @@ def run_variant(model_dir, tokenizer, data, size, variant, timer, top_k):
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     moe_blocks = sum(1 for m in model.modules() if type(m).__name__ == "Glm4MoeMoE")
+    peak_gpu = (
+        torch.cuda.max_memory_allocated() - gpu_start
+        if torch.cuda.is_available()
+        else None
+    )
+    # free this run's model before the next variant measures its peak
+    del model
+    active_session().reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return {
         "seconds": seconds,
         "moe_forward_seconds": timer.seconds,
         "calibration_passes": timer.calibration_calls / (moe_blocks * len(data)),
         "propagation_passes": timer.propagation_calls / (moe_blocks * len(data)),
-        "peak_gpu_bytes": (
-            torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        ),
+        "peak_gpu_bytes": peak_gpu,
         "peak_rss_above_start_bytes": rss.peak_above_start,
         "expert_rows_min": min(rows.values(), default=0),
         "expert_rows_max": max(rows.values(), default=0),

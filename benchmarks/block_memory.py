@@ -1,0 +1,91 @@
+"""Peak activation memory of one MoE block's calibration forward, per mode (GPU).
+
+One medium GLM4-MoE block (hidden 2048, 64 experts top-8, moe_intermediate 768,
+bf16), linearized as oneshot does. For each mode: ``max_memory_allocated`` during
+one forward above what was allocated before it (weights and input excluded), and
+the ratio to routed mode; ``upstream all`` is llmcompressor's own all-expert path
+(every expert called once on every token). Issue 6's bound: all-expert within
+1.25x of routed with the default chunking.
+
+    python benchmarks/block_memory.py --tokens 512 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from llmcompressor.modeling.moe.context import (
+    moe_calibration_context as upstream_calibrate_all,
+)
+from llmcompressor.modeling.moe.linearize import linearize_moe
+from transformers import Glm4MoeForCausalLM
+
+from llmcompressor_moe_plugins.modules.glm4_moe import CalibrationGlm4MoeMoE
+from llmcompressor_moe_plugins.tiny import tiny_glm4_moe_config
+
+MODES = ["routed", "all", "all (one extra call)", "top_k:16", "affinity"]
+
+
+def block(device):
+    config = tiny_glm4_moe_config(
+        hidden_size=2048,
+        intermediate_size=8192,
+        moe_intermediate_size=768,
+        n_routed_experts=64,
+        num_experts_per_tok=8,
+        n_group=1,
+        topk_group=1,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=128,
+    )
+    torch.manual_seed(0)
+    model = Glm4MoeForCausalLM(config).to(torch.bfloat16)
+    linearize_moe(model)
+    return model, model.model.layers[1].mlp.to(device)
+
+
+@torch.no_grad()
+def peak_bytes(module, x) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    module(x)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096])
+    parser.add_argument("--out", default="benchmarks/block_memory.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("block_memory.py measures GPU memory; run it on a GPU")
+    model, original = block("cuda")
+    results = {}
+    for tokens in args.tokens:
+        x = torch.randn(1, tokens, 2048, dtype=torch.bfloat16, device="cuda")
+        row = {}
+        for mode in MODES:
+            chunk = 1 << 30 if "one extra call" in mode else "auto"
+            calibration = CalibrationGlm4MoeMoE(
+                original, model.config, mode=mode.split(" ")[0], chunk_size=chunk
+            )
+            peak_bytes(calibration, x)  # warm-up (allocator, kernels)
+            row[mode] = peak_bytes(calibration, x)
+        with upstream_calibrate_all():
+            row["upstream all"] = peak_bytes(original, x)
+        results[tokens] = row
+        print(f"\ntokens={tokens}: peak activation MiB (x routed)")
+        for mode, value in row.items():
+            print(f"  {mode:<22} {value / 2**20:8.1f}  {value / row['routed']:5.2f}x")
+    with open(args.out, "w") as handle:
+        json.dump({"device": torch.cuda.get_device_name(), "peaks": results}, handle)
+
+
+if __name__ == "__main__":
+    main()
