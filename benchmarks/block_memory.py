@@ -25,7 +25,17 @@ from transformers import Glm4MoeForCausalLM
 from llmcompressor_moe_plugins.modules.glm4_moe import CalibrationGlm4MoeMoE
 from llmcompressor_moe_plugins.tiny import tiny_glm4_moe_config
 
-MODES = ["routed", "all", "all (one extra call)", "top_k:16", "affinity"]
+# (mode, chunk_size): "auto", a token count, or a fraction of the forward's tokens
+SETTINGS = [
+    ("routed", "auto"),
+    ("all", "auto"),
+    ("all", 0.125),
+    ("all", 0.25),
+    ("all", 0.5),
+    ("all", 1.0),
+    ("top_k:16", "auto"),
+    ("affinity", "auto"),
+]
 
 
 def block(device):
@@ -44,6 +54,7 @@ def block(device):
     )
     torch.manual_seed(0)
     model = Glm4MoeForCausalLM(config).to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16  # linearize_moe builds experts in it
     linearize_moe(model)
     return model, model.model.layers[1].mlp.to(device)
 
@@ -60,7 +71,7 @@ def peak_bytes(module, x) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096, 32768])
     parser.add_argument("--out", default="benchmarks/block_memory.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -70,19 +81,21 @@ def main() -> None:
     for tokens in args.tokens:
         x = torch.randn(1, tokens, 2048, dtype=torch.bfloat16, device="cuda")
         row = {}
-        for mode in MODES:
-            chunk = 1 << 30 if "one extra call" in mode else "auto"
+        for mode, chunk in SETTINGS:
+            if isinstance(chunk, float):
+                chunk = int(chunk * tokens)
             calibration = CalibrationGlm4MoeMoE(
-                original, model.config, mode=mode.split(" ")[0], chunk_size=chunk
+                original, model.config, mode=mode, chunk_size=chunk
             )
             peak_bytes(calibration, x)  # warm-up (allocator, kernels)
-            row[mode] = peak_bytes(calibration, x)
+            row[f"{mode} chunk={chunk}"] = peak_bytes(calibration, x)
         with upstream_calibrate_all():
             row["upstream all"] = peak_bytes(original, x)
         results[tokens] = row
         print(f"\ntokens={tokens}: peak activation MiB (x routed)")
         for mode, value in row.items():
-            print(f"  {mode:<22} {value / 2**20:8.1f}  {value / row['routed']:5.2f}x")
+            routed = row["routed chunk=auto"]
+            print(f"  {mode:<22} {value / 2**20:8.1f}  {value / routed:5.2f}x")
     with open(args.out, "w") as handle:
         json.dump({"device": torch.cuda.get_device_name(), "peaks": results}, handle)
 
