@@ -38,29 +38,35 @@ SETTINGS = [
 ]
 
 
-def block(device):
-    config = tiny_glm4_moe_config(
-        hidden_size=2048,
-        intermediate_size=8192,
-        moe_intermediate_size=768,
-        n_routed_experts=64,
-        num_experts_per_tok=8,
-        n_group=1,
-        topk_group=1,
-        num_hidden_layers=2,
-        num_attention_heads=16,
-        num_key_value_heads=4,
-        head_dim=128,
-    )
+MEDIUM = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    moe_intermediate_size=768,
+    n_routed_experts=64,
+    num_experts_per_tok=8,
+    n_group=1,
+    topk_group=1,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=128,
+)
+
+
+def block(device, sizes):
+    config = tiny_glm4_moe_config(num_hidden_layers=2, **sizes)
     torch.manual_seed(0)
-    model = Glm4MoeForCausalLM(config).to(torch.bfloat16)
+    model = Glm4MoeForCausalLM(config).to(device=device, dtype=torch.bfloat16)
     model.config.dtype = torch.bfloat16  # linearize_moe builds experts in it
     linearize_moe(model)
-    return model, model.model.layers[1].mlp.to(device)
+    model.to(device)
+    return model, model.model.layers[1].mlp
 
 
 @torch.no_grad()
 def peak_bytes(module, x) -> int:
+    if not torch.cuda.is_available():  # --check: exercise the code path only
+        module(x)
+        return 1
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
@@ -73,13 +79,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 4096, 32768])
     parser.add_argument("--out", default="benchmarks/block_memory.json")
+    parser.add_argument("--check", action="store_true", help="tiny, on CPU")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.check:
         raise SystemExit("block_memory.py measures GPU memory; run it on a GPU")
-    model, original = block("cuda")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, original = block(device, {} if args.check else MEDIUM)
+    hidden = model.config.hidden_size
     results = {}
     for tokens in args.tokens:
-        x = torch.randn(1, tokens, 2048, dtype=torch.bfloat16, device="cuda")
+        x = torch.randn(1, tokens, hidden, dtype=torch.bfloat16, device=device)
         row = {}
         for mode, chunk in SETTINGS:
             if isinstance(chunk, float):
@@ -97,7 +106,7 @@ def main() -> None:
             routed = row["routed chunk=auto"]
             print(f"  {mode:<22} {value / 2**20:8.1f}  {value / routed:5.2f}x")
     with open(args.out, "w") as handle:
-        json.dump({"device": torch.cuda.get_device_name(), "peaks": results}, handle)
+        json.dump({"device": device, "peaks": results}, handle)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ class MoECalibrationModule(torch.nn.Module):
                 f"{chunk_size!r}"
             )
         self.chunk_size = chunk_size
+        self._expert_width: int | None = None
         self.routed_token_counts: torch.Tensor | None = None
         self.calibrated_token_counts: torch.Tensor | None = None
 
@@ -133,6 +134,25 @@ class MoECalibrationModule(torch.nn.Module):
         self.calibrated_token_counts += selected.sum(dim=0).cpu()
         return selected
 
+    @staticmethod
+    def extra_token_indices(
+        routed: torch.Tensor, calibrate: torch.Tensor | None
+    ) -> list[torch.Tensor | None]:
+        """Per expert, the tokens it is calibrated on but not routed (None where
+        there are none). One device sync for all experts, not one per expert."""
+        num_experts = routed.shape[1]
+        if calibrate is None:
+            return [None] * num_experts
+        extra = calibrate & ~routed
+        counts = extra.sum(dim=0).tolist()
+        if not any(counts):
+            return [None] * num_experts
+        _, tokens = torch.nonzero(extra.t(), as_tuple=True)  # grouped by expert
+        return [
+            chunk if count else None
+            for chunk, count in zip(tokens.split(counts), counts, strict=True)
+        ]
+
     def run_expert(
         self,
         expert: torch.nn.Module,
@@ -152,18 +172,32 @@ class MoECalibrationModule(torch.nn.Module):
         if routed_tokens.numel() > 0:
             routed_output = expert(hidden_states[routed_tokens])
         if extra_tokens is not None and extra_tokens.numel() > 0:
-            chunk = self._chunk_length(chunk_hint)
+            chunk = self._chunk_length(expert, hidden_states, chunk_hint)
             with torch.no_grad():
                 for start in range(0, extra_tokens.numel(), chunk):
                     expert(hidden_states[extra_tokens[start : start + chunk]])
         return routed_output
 
-    def _chunk_length(self, chunk_hint: int) -> int:
-        # "auto": no larger than the busiest routed call of this forward, so the
-        # all-expert peak stays at the routed peak however many experts there are.
-        if self.chunk_size == AUTO_CHUNK:
-            return max(chunk_hint, _MIN_AUTO_CHUNK)
-        return int(self.chunk_size)
+    def _chunk_length(
+        self, expert: torch.nn.Module, hidden_states: torch.Tensor, busiest: int
+    ) -> int:
+        if self.chunk_size != AUTO_CHUNK:
+            return int(self.chunk_size)
+        # Routed mode's peak holds the block's per-token buffers (input and output,
+        # ~2 x hidden per token) plus its busiest expert call; a call costs about
+        # (hidden + 2 x summed Linear widths) per token. Extra calls of this many
+        # tokens keep the all-expert peak within 1.25x of routed, however many
+        # experts there are, with as few calls as that allows.
+        if self._expert_width is None:
+            self._expert_width = sum(
+                m.out_features
+                for m in expert.modules()
+                if isinstance(m, torch.nn.Linear)
+            )
+        tokens, hidden = hidden_states.shape[0], hidden_states.shape[-1]
+        per_call_token = hidden + 2 * max(self._expert_width, hidden)
+        allowance = (tokens * 2 * hidden) // (4 * per_call_token)
+        return max(busiest + allowance, _MIN_AUTO_CHUNK)
 
     def extra_repr(self) -> str:
         return f"mode={self.calibration_mode.spec()}, chunk_size={self.chunk_size}"

@@ -118,7 +118,7 @@ class MinTokensMode(CalibrationMode):
         return f"min_tokens:{self.min_tokens}"
 
 
-DEFAULT_AFFINITY_STRENGTH = 0.25
+DEFAULT_AFFINITY_STRENGTH = 0.1
 
 
 @dataclass(frozen=True)

@@ -95,8 +95,10 @@ def test_weights_match_unshared_gptq_within_rerun_noise(
     noise = differing_fraction(a, r, members)
     shared_difference = differing_fraction(a, b, members)
     assert shared_difference <= max(3 * noise, 0.005), (shared_difference, noise)
-    for name in members if scheme == "W4A16" else []:
-        # no weight moves by more than one quantization step
+    first_layer_members = [n for n in members if n.startswith(MOE_LAYERS[0])]
+    for name in first_layer_members if scheme == "W4A16" else []:
+        # same inputs, Hessians equal up to rounding: no weight moves by more than
+        # one quantization step (later layers see already-different inputs)
         weight = a[name].weight
         scale = a[name].weight_scale.repeat_interleave(128, dim=1)[:, : weight.shape[1]]
         steps = (weight - b[name].weight).abs() / scale

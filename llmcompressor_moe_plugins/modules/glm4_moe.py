@@ -90,19 +90,17 @@ class CalibrationGlm4MoeMoE(MoECalibrationModule):
             routed, lambda: self._affinity(hidden_states)
         )
         busiest = int(routed.sum(dim=0).max())
+        extras = self.extra_token_indices(routed, calibrate)
 
         final_hidden_states = torch.zeros_like(hidden_states)
         for expert_index in range(self.num_experts):
             top_k_pos, token_indices = torch.where(expert_mask[expert_index])
-            extra = (
-                None
-                if calibrate is None
-                else torch.nonzero(
-                    calibrate[:, expert_index] & ~routed[:, expert_index]
-                ).flatten()
-            )
             expert_output = self.run_expert(
-                self.experts[expert_index], hidden_states, token_indices, extra, busiest
+                self.experts[expert_index],
+                hidden_states,
+                token_indices,
+                extras[expert_index],
+                busiest,
             )
             if expert_output is None:
                 continue

@@ -62,16 +62,12 @@ class CalibrationMoeLayer(MoECalibrationModule):
             routed, lambda: F.softmax(gate_logits, dim=1, dtype=torch.float)
         )
         busiest = int(routed.sum(dim=0).max())
+        extras = self.extra_token_indices(routed, calibrate)
 
         results = torch.zeros_like(inputs)
         for i, expert in enumerate(self.experts):
             token_idx, nth_expert = torch.where(selected_experts == i)
-            extra = (
-                None
-                if calibrate is None
-                else torch.nonzero(calibrate[:, i] & ~routed[:, i]).flatten()
-            )
-            output = self.run_expert(expert, inputs, token_idx, extra, busiest)
+            output = self.run_expert(expert, inputs, token_idx, extras[i], busiest)
             if output is not None:
                 results[token_idx] += weights[token_idx, nth_expert, None] * output
         return results.reshape(shape)
