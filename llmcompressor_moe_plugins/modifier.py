@@ -35,11 +35,18 @@ def last_coverage_report() -> CoverageReport | None:
 
 ModeSpec = str | dict[str, int | float]
 
+# Chosen from benchmarks/quality.py (see benchmarks/RESULTS.md): lowest mean
+# perplexity increase over all calibration budgets, never clearly worse than the
+# better of routed and all, at a fraction of all's cost. It does not meet every
+# criterion of issue 5 (cost <= 1.2x routed at every budget); RESULTS.md says where.
+DEFAULT_MODE = "affinity:0.1"
+
 
 class MoECalibrationModifier(Modifier):
     """
     :param calibrate_all_experts: shorthand for ``mode: all`` / ``mode: routed``;
-        unset, it follows ``oneshot(moe_calibrate_all_experts=...)``
+        unset, ``oneshot(moe_calibrate_all_experts=False)`` means routed and
+        otherwise the default mode, ``affinity:0.1``, applies
     :param mode: calibration mode for every block: ``routed``, ``all``,
         ``top_k:N``, ``min_tokens:K`` or ``affinity[:S]``; overrides
         ``calibrate_all_experts``
@@ -94,11 +101,21 @@ class MoECalibrationModifier(Modifier):
             return self.calibrate_all_experts
         return get_calibrate_all_experts_flag()
 
+    def resolved_mode(self) -> ModeSpec:
+        """``mode`` if set, else ``calibrate_all_experts`` (all / routed), else
+        routed when oneshot's ``moe_calibrate_all_experts`` is off, else
+        :data:`DEFAULT_MODE`."""
+        if self.mode is not None:
+            return self.mode
+        if self.calibrate_all_experts is not None:
+            return "all" if self.calibrate_all_experts else "routed"
+        return DEFAULT_MODE if get_calibrate_all_experts_flag() else "routed"
+
     def on_initialize(self, state: State, **kwargs) -> bool:
         self._swapped = swap_in_calibration_modules(
             state.model,
             self.resolved_calibrate_all_experts(),
-            mode=self.mode,
+            mode=self.resolved_mode(),
             block_modes=self.block_modes,
             chunk_size=self.chunk_size,
         )

@@ -47,6 +47,18 @@ def test_default_follows_oneshots_flag():
     )
 
 
+def test_mode_resolution_default_flag_and_explicit_settings():
+    with upstream_flag():  # oneshot's default, moe_calibrate_all_experts=True
+        assert MoECalibrationModifier().resolved_mode() == "affinity:0.1"
+        assert MoECalibrationModifier(mode="top_k:4").resolved_mode() == "top_k:4"
+        assert (
+            MoECalibrationModifier(calibrate_all_experts=True).resolved_mode() == "all"
+        )
+    # oneshot(moe_calibrate_all_experts=False) asks for routed calibration
+    assert MoECalibrationModifier().resolved_mode() == "routed"
+    assert MoECalibrationModifier(mode="all").resolved_mode() == "all"
+
+
 def test_modifier_gets_the_data_free_pipeline():
     # under oneshot's independent pipeline this means no calibration pass of its own
     assert CalibrationPipeline._infer_pipeline([MoECalibrationModifier()]) == "datafree"

@@ -61,8 +61,10 @@ def test_glm4_recipe_end_to_end(
     # each modifier that needs data its own (SmoothQuant, then GPTQ, for W8A8)
     passes = 2 if recipe_name == "glm4_moe_w8a8_int8" else 1
     for block in report.blocks:
-        assert block.calibrated == [TOKENS * passes] * 16
+        assert block.mode == "affinity:0.1"  # the recipes leave it to the default
         assert sum(block.routed) == TOKENS * 2 * passes
+        assert all(c >= r for c, r in zip(block.calibrated, block.routed, strict=True))
+        assert min(block.calibrated) >= 1  # nobody starved, nobody zeroed
 
     if scheme == "w8a8":
         # transformers 5.17 cannot reload int-quantized GLM4 experts into its fused
@@ -155,7 +157,9 @@ def test_routed_only_starves_experts_and_ours_does_not(
     upstream_routed = expert_rows(
         [GPTQModifier(**gptq)], moe_calibrate_all_experts=False
     )
-    ours = expert_rows([plugins.MoECalibrationModifier(), GPTQModifier(**gptq)])
+    ours = expert_rows(
+        [plugins.MoECalibrationModifier(mode="all"), GPTQModifier(**gptq)]
+    )
     assert set(ours) == set(upstream_routed)
     assert all(rows == 2 * SEQ_LEN for rows in ours.values())
     assert any(upstream_routed[n] < ours[n] for n in ours)

@@ -73,13 +73,18 @@ def test_gptq_recipe_by_path(
         record=record_linear_inputs,
     )
     report = plugins.last_coverage_report()
-    expert_rows = {n: r for n, r in recorder.rows.items() if ".experts." in n}
-    assert expert_rows and all(
-        rows == NUM_SAMPLES * SEQ_LEN for rows in expert_rows.values()
-    ), expert_rows
-    for block in report.blocks:
-        assert block.calibrated == [NUM_SAMPLES * SEQ_LEN] * block.num_experts
+    # the recipe leaves the mode to the default: affinity-sampled
+    for layer, block in enumerate(report.blocks):
+        assert block.mode == "affinity:0.1"
         assert sum(block.routed) == NUM_SAMPLES * SEQ_LEN * 2
+        assert all(c >= r for c, r in zip(block.calibrated, block.routed, strict=True))
+        assert sum(block.calibrated) > sum(block.routed)
+        # the report says exactly what the experts' hooks saw
+        seen = [
+            recorder.rows[f"model.layers.{layer}.mlp.experts.{e}.gate_proj"]
+            for e in range(block.num_experts)
+        ]
+        assert seen == block.calibrated
     check_round_trip(textbook_dir, tmp_path, calibration_data)
 
 
