@@ -20,6 +20,7 @@ from llmcompressor.modeling.moe.context import (
     moe_calibration_context as upstream_calibrate_all,
 )
 from llmcompressor.modeling.moe.linearize import linearize_moe
+from oneshot_variants import SIZES  # benchmarks/ is the script's folder
 from transformers import Glm4MoeForCausalLM
 
 from llmcompressor_moe_plugins.modules.glm4_moe import CalibrationGlm4MoeMoE
@@ -38,22 +39,11 @@ SETTINGS = [
 ]
 
 
-MEDIUM = dict(
-    hidden_size=2048,
-    intermediate_size=8192,
-    moe_intermediate_size=768,
-    n_routed_experts=64,
-    num_experts_per_tok=8,
-    n_group=1,
-    topk_group=1,
-    num_attention_heads=16,
-    num_key_value_heads=4,
-    head_dim=128,
-)
+MEDIUM = SIZES["medium"]["config"]  # the oneshot benchmark's medium model
 
 
 def block(device, sizes):
-    config = tiny_glm4_moe_config(num_hidden_layers=2, **sizes)
+    config = tiny_glm4_moe_config(**{**sizes, "num_hidden_layers": 2})
     torch.manual_seed(0)
     model = Glm4MoeForCausalLM(config).to(device=device, dtype=torch.bfloat16)
     model.config.dtype = torch.bfloat16  # linearize_moe builds experts in it

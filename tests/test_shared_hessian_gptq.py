@@ -133,21 +133,7 @@ def test_one_hessian_per_block_input(
     accumulate = gptq_base.accumulate_hessian
     monkeypatch.setattr(gptq_base, "accumulate_hessian", count_per_linear)
     monkeypatch.setattr(shared_hessian_gptq, "accumulate_hessian", count_shared)
-    model = AutoModelForCausalLM.from_pretrained(glm4_dir)
-    with cpu_only_calibration():
-        oneshot(
-            model=model,
-            processor=tokenizer,
-            dataset=calibration_data,
-            recipe=[
-                MoECalibrationModifier(mode="all"),
-                SharedHessianGPTQModifier(
-                    targets=["Linear"], scheme="W4A16", ignore=["lm_head"]
-                ),
-            ],
-            num_calibration_samples=NUM_SAMPLES,
-            max_seq_length=SEQ_LEN,
-        )
+    model = quantize(glm4_dir, tokenizer, calibration_data, SharedHessianGPTQModifier)
     per_linear = {n for n, m in model.named_modules() if m in per_linear_modules}
     assert len(per_linear) == len(per_linear_modules)
     assert not any(is_shared_member(n) for n in per_linear)
