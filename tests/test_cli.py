@@ -36,6 +36,7 @@ def test_plugins_lists_our_modules(capsys):
         (["--recipe", "no_such_recipe"], "No shipped recipe named 'no_such_recipe'"),
         (["--recipe", "missing.yaml"], "does not exist"),
         (["--mode", "sometimes"], "Unknown calibration mode"),
+        (["--mode", "affinity:2"], "strength must be in"),
         (["--block-mode", "Glm4MoeMoE"], "expected CLASS=MODE"),
         (["--dataset", "/nonexistent.txt"], "does not exist"),
     ],

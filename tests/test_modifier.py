@@ -62,3 +62,38 @@ def test_mode_resolution_default_flag_and_explicit_settings():
 def test_modifier_gets_the_data_free_pipeline():
     # under oneshot's independent pipeline this means no calibration pass of its own
     assert CalibrationPipeline._infer_pipeline([MoECalibrationModifier()]) == "datafree"
+
+
+@pytest.mark.slow
+def test_modifier_adds_no_forward_pass(glm4_dir, tokenizer, calibration_data):
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    from llmcompressor_moe_plugins.compat import cpu_only_calibration
+
+    def q_proj_calls(with_ours: bool) -> int:
+        model = AutoModelForCausalLM.from_pretrained(glm4_dir)
+        calls = []
+        model.model.layers[2].self_attn.q_proj.register_forward_pre_hook(
+            lambda *_: calls.append(1)
+        )
+        recipe = [GPTQModifier(targets=["Linear"], scheme="W4A16", ignore=["lm_head"])]
+        if with_ours:
+            recipe.insert(0, MoECalibrationModifier(mode="routed", rtn_fallback=True))
+        with cpu_only_calibration():
+            oneshot(
+                model=model,
+                processor=tokenizer,
+                dataset=calibration_data,
+                recipe=recipe,
+                num_calibration_samples=len(calibration_data),
+                max_seq_length=64,
+                moe_calibrate_all_experts=False,
+            )
+        return len(calls)
+
+    upstream = q_proj_calls(with_ours=False)
+    # one calibration and one propagation forward per sample, with or without ours
+    assert upstream == 2 * len(calibration_data)
+    assert q_proj_calls(with_ours=True) == upstream
