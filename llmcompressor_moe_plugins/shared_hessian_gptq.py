@@ -90,6 +90,13 @@ class SharedHessianGPTQModifier(GPTQModifier):
                 self._member_of[member] = block
             self.register_hook(block, self._accumulate_block_input, "forward")
         shared = sum(len(m) for m in self._shared_members.values())
+        if not shared:
+            logger.warning(
+                "SharedHessianGPTQModifier: no MoE block calibrates in 'all' mode, so "
+                "no Linears share inputs and this runs as plain GPTQ. Set "
+                "MoECalibrationModifier mode: all (before this modifier) to share."
+            )
+            return
         logger.info(
             f"Shared Hessians: {shared} Linears in {len(self._shared_members)} MoE "
             "block(s) share one Hessian per block"
