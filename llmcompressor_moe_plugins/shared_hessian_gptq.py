@@ -130,11 +130,15 @@ class SharedHessianGPTQModifier(GPTQModifier):
             members = self._shared_members[block]
             stackable = self._row_stackable(members)
             if is_distributed() or not stackable:
-                # normal path: every member gets the (same) Hessian object;
-                # prepare_batch divides into a new tensor, so sharing is safe
+                # normal path. Single process: members share the Hessian object
+                # (prepare_batch divides into a new tensor). Distributed: upstream
+                # all-reduces each module's Hessian in place, so each needs its own.
+                distributed = is_distributed()
                 for member in members:
-                    self._hessians[member] = hessian
-                    self._num_samples[member] = num_samples
+                    self._hessians[member] = hessian.clone() if distributed else hessian
+                    self._num_samples[member] = (
+                        num_samples.clone() if distributed else num_samples
+                    )
                 continue
             self._compress_shared(members, hessian / num_samples)
         super().compress_modules()

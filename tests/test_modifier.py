@@ -27,6 +27,7 @@ def test_yaml_recipe_names_the_modifier_and_its_fields():
         ({"chunk_size": 0}, "chunk_size"),
         ({"min_tokens": -1}, "min_tokens"),
         ({"calibrat_all_experts": True}, "calibrat_all_experts"),
+        ({"mode": {"affinity": 1.5}}, "strength must be in"),
     ],
 )
 def test_bad_fields_fail_at_parse_time_naming_the_field(fields, message):
@@ -45,6 +46,15 @@ def test_default_follows_oneshots_flag():
         ).resolved_calibrate_all_experts()
         is False
     )
+
+
+def test_affinity_strength_spelled_as_a_yaml_mapping():
+    recipe = Recipe.create_instance(
+        "default_stage:\n  default_modifiers:\n"
+        "    MoECalibrationModifier:\n      mode: {affinity: 0.25}\n"
+    )
+    (modifier,) = recipe.modifiers
+    assert modifier.mode == {"affinity": 0.25}
 
 
 def test_mode_resolution_default_flag_and_explicit_settings():
