@@ -22,6 +22,7 @@ spread, strictly better than both somewhere, at most 1.2x routed's oneshot time)
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -150,8 +151,16 @@ def train(args) -> None:
 # -- sweep -------------------------------------------------------------------------
 
 
-def eval_windows(tokenizer) -> torch.Tensor:
-    stream = token_stream(tokenizer, files("eval"))
+@functools.cache
+def part_stream(model_dir: str, part: str) -> torch.Tensor:
+    """The model's tokens for one file split; a sweep worker reuses it across runs."""
+    from transformers import AutoTokenizer
+
+    return token_stream(AutoTokenizer.from_pretrained(model_dir), files(part))
+
+
+def eval_windows(model_dir: str) -> torch.Tensor:
+    stream = part_stream(model_dir, "eval")
     step = (len(stream) - SEQ_LEN * 2) // EVAL_WINDOWS
     return torch.stack(
         [stream[i * step : i * step + SEQ_LEN * 2] for i in range(EVAL_WINDOWS)]
@@ -168,10 +177,10 @@ def perplexity(model, windows: torch.Tensor) -> float:
     return math.exp(statistics.fmean(losses))
 
 
-def calibration_dataset(tokenizer, budget: int, seed: int):
+def calibration_dataset(model_dir: str, budget: int, seed: int):
     from datasets import Dataset
 
-    stream = token_stream(tokenizer, files("calibration"))
+    stream = part_stream(model_dir, "calibration")
     generator = torch.Generator().manual_seed(seed)
     count = budget // SEQ_LEN
     offsets = torch.randint(0, len(stream) - SEQ_LEN, (count,), generator=generator)
@@ -222,7 +231,7 @@ def _run_one(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
-    data = calibration_dataset(tokenizer, job["budget"], job["seed"])
+    data = calibration_dataset(job["model_dir"], job["budget"], job["seed"])
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
     model.to(device)
     with tempfile.TemporaryDirectory() as scratch, cpu_only_calibration():
@@ -241,7 +250,7 @@ def _run_one(job: dict) -> dict:
     calibrated = [n for block in report.blocks for n in block.calibrated]
     return {
         **{k: job[k] for k in ("algorithm", "budget", "seed", "mode")},
-        "ppl": perplexity(model.to(device), eval_windows(tokenizer)),
+        "ppl": perplexity(model.to(device), eval_windows(job["model_dir"])),
         "oneshot_s": seconds,
         "tokens_min": min(calibrated),
         "tokens_median": statistics.median(calibrated),
@@ -253,7 +262,7 @@ def _run_one(job: dict) -> dict:
 def sweep(args) -> None:
     from multiprocessing import get_context
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     out = Path(args.out)
     done = set()
@@ -262,9 +271,8 @@ def sweep(args) -> None:
             r = json.loads(line)
             done.add((r["algorithm"], r["budget"], r["seed"], r["mode"]))
     if not any(json.loads(line).get("baseline") for line in _lines(out)):
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
         model = AutoModelForCausalLM.from_pretrained(args.model_dir)
-        ppl = perplexity(model, eval_windows(tokenizer))
+        ppl = perplexity(model, eval_windows(args.model_dir))
         _append(out, {"baseline": True, "ppl": ppl})
         print(f"unquantized held-out perplexity {ppl:.3f}")
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
@@ -332,6 +340,8 @@ def report(args) -> None:
             increase = [100 * (r["ppl"] / baseline - 1) for r in rs]
             cell[mode, budget] = {
                 "mean": statistics.fmean(increase),
+                "min": min(increase),
+                "max": max(increase),
                 "spread": max(increase) - min(increase),
                 "seconds": statistics.fmean(r["oneshot_s"] for r in rs),
                 "min_tokens": min(r["tokens_min"] for r in rs),
@@ -344,19 +354,14 @@ def report(args) -> None:
         for mode in modes:
             row = f"{mode:<15}"
             for budget in budgets:
-                rs = [
-                    100 * (r["ppl"] / baseline - 1)
-                    for r in subset
-                    if r["mode"] == mode and r["budget"] == budget
-                ]
-                if not rs:
+                c = cell.get((mode, budget))
+                if c is None:
                     row += f"{'-':>26}"
                     continue
-                c = cell[mode, budget]
                 routed = cell.get(("routed", budget))
                 ratio = c["seconds"] / routed["seconds"] if routed else float("nan")
                 row += (
-                    f"{c['mean']:>+7.2f} [{min(rs):+.2f}..{max(rs):+.2f}] "
+                    f"{c['mean']:>+7.2f} [{c['min']:+.2f}..{c['max']:+.2f}] "
                     f"{ratio:>4.2f}x"
                 )
             print(row)
