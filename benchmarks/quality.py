@@ -266,9 +266,9 @@ def sweep(args) -> None:
 
     out = Path(args.out)
     done = set()
-    if out.exists():
-        for line in out.read_text().splitlines():
-            r = json.loads(line)
+    for line in _lines(out):
+        r = json.loads(line)
+        if not r.get("baseline"):
             done.add((r["algorithm"], r["budget"], r["seed"], r["mode"]))
     if not any(json.loads(line).get("baseline") for line in _lines(out)):
         model = AutoModelForCausalLM.from_pretrained(args.model_dir)
