@@ -99,8 +99,16 @@ class MoECalibrationModule(torch.nn.Module):
         return [
             linear
             for expert in getattr(self, "experts", [])
-            for name in self.expert_input_projections
-            if isinstance(linear := getattr(expert, name, None), torch.nn.Linear)
+            for linear in self.input_projections(expert)
+        ]
+
+    @classmethod
+    def input_projections(cls, mlp: torch.nn.Module) -> list[torch.nn.Linear]:
+        """The Linears of ``mlp`` named in ``expert_input_projections``."""
+        return [
+            linear
+            for name in cls.expert_input_projections
+            if isinstance(linear := getattr(mlp, name, None), torch.nn.Linear)
         ]
 
     # -- helpers for subclasses ---------------------------------------------------

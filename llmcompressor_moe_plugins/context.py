@@ -99,8 +99,8 @@ def swap_in_calibration_modules(
     :param calibrate_all_experts: shorthand for ``mode="all"`` / ``"routed"``
     :param mode: calibration mode for every block (overrides the shorthand)
     :param block_modes: per block class name, a mode overriding ``mode``
-    :param chunk_size: tokens per extra expert call; ``"auto"`` bounds memory by
-        the busiest routed call
+    :param chunk_size: tokens per extra expert call; ``"auto"`` sizes calls so the
+        block's activation peak stays within 1.25x of routed mode
     """
     default_mode = parse_mode(
         mode if mode is not None else ("all" if calibrate_all_experts else "routed")

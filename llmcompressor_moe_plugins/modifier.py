@@ -114,7 +114,6 @@ class MoECalibrationModifier(Modifier):
     def on_initialize(self, state: State, **kwargs) -> bool:
         self._swapped = swap_in_calibration_modules(
             state.model,
-            self.resolved_calibrate_all_experts(),
             mode=self.resolved_mode(),
             block_modes=self.block_modes,
             chunk_size=self.chunk_size,

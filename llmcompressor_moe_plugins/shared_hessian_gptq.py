@@ -22,11 +22,7 @@ import torch
 from compressed_tensors.offload import disable_offloading
 from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.quantization import QuantizationStrategy
-from compressed_tensors.utils import (
-    get_execution_device,
-    getattr_chain,
-    match_named_modules,
-)
+from compressed_tensors.utils import get_execution_device, getattr_chain
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.gptq import GPTQModifier
@@ -72,11 +68,10 @@ class SharedHessianGPTQModifier(GPTQModifier):
 
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         super().on_calibration_start(state, event, **kwargs)
+        # GPTQ's own target map (set in on_initialize), narrowed as its hooks are
         targeted = {
             module
-            for _, module in match_named_modules(
-                state.model, self.resolved_targets, self.ignore
-            )
+            for module in self._module_names
             if getattr_chain(module, "quantization_scheme.weights", None) is not None
         }
         for block in state.model.modules():

@@ -54,11 +54,7 @@ class CalibrationGlm4MoeMoE(MoECalibrationModule):
         # the shared experts see the whole block input in every forward
         linears = super().shared_input_linears()
         if linears:
-            linears += [
-                getattr(self.shared_experts, name)
-                for name in self.expert_input_projections
-                if isinstance(getattr(self.shared_experts, name, None), torch.nn.Linear)
-            ]
+            linears += self.input_projections(self.shared_experts)
         return linears
 
     def _route(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
