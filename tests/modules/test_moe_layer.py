@@ -65,6 +65,42 @@ def test_all_experts_see_all_tokens_without_empty_calls(
         assert max(max(calls) for calls in recorder.calls.values()) <= 24
 
 
+def gram_matrices(calibration, x) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per expert, the sum of x x^T over what its down_proj saw: GPTQ's Hessian up
+    to a constant, the statistic chunking must not change."""
+    grams = [torch.zeros(48, 48, dtype=torch.float64) for _ in range(NUM_EXPERTS)]
+
+    def accumulate(gram):
+        def hook(_module, args):
+            gram.add_(args[0].double().T @ args[0].double())
+
+        return hook
+
+    handles = [
+        expert.down_proj.register_forward_pre_hook(accumulate(grams[i]))
+        for i, expert in enumerate(calibration.experts)
+    ]
+    expected = calibration(x)
+    for handle in handles:
+        handle.remove()
+    return grams, expected
+
+
+@pytest.mark.parametrize("mode", ["all", "affinity:0.5"])
+def test_chunking_changes_neither_outputs_nor_statistics(mode):
+    layer = make_layer()
+    x = torch.randn(40, HIDDEN)
+    original = layer(x)
+    reference, out = gram_matrices(CalibrationMoeLayer(layer, None, mode=mode), x)
+    assert torch.equal(out, original)
+    for chunk_size in (1, 7):
+        chunked = CalibrationMoeLayer(layer, None, mode=mode, chunk_size=chunk_size)
+        grams, out = gram_matrices(chunked, x)
+        assert torch.equal(out, original)
+        for gram, ref in zip(grams, reference, strict=True):
+            torch.testing.assert_close(gram, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_routed_mode_counts_only_routed_tokens(record_linear_inputs):
     layer = make_layer()
     x = torch.randn(2, HIDDEN)  # 4 assignments over 6 experts: some get none
