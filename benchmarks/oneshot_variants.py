@@ -1,8 +1,8 @@
 """oneshot cost of MoE calibration: upstream llmcompressor alone vs ours, per mode.
 
 Same model, same data (unshuffled), same process for every variant. Each variant
-runs ``--repeats`` times after one warm-up; medians are reported with ratios to
-upstream's own runs. Figures per variant:
+runs ``--repeats`` times, round-robin over the variants, after one warm-up; medians
+are reported with ratios to upstream's own runs. Figures per variant:
 
 - oneshot wall time, and time spent inside MoE block forwards (GPU synchronized)
 - calibration passes: MoE block forwards with quantization hooks listening, divided
@@ -39,7 +39,11 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from transformers import AutoModelForCausalLM
 from transformers.models.glm4_moe import modeling_glm4_moe
 
-from llmcompressor_moe_plugins import MoECalibrationModifier, SharedHessianGPTQModifier
+from llmcompressor_moe_plugins import (
+    MoECalibrationModifier,
+    SharedHessianGPTQModifier,
+    last_coverage_report,
+)
 from llmcompressor_moe_plugins.modules.glm4_moe import CalibrationGlm4MoeMoE
 from llmcompressor_moe_plugins.tiny import (
     build_tiny_glm4_moe,
@@ -71,18 +75,29 @@ SIZES = {
 }
 
 AUTO, ONE_CALL = "auto", 1 << 30
-# name -> (our mode or None for upstream alone, upstream flag, GPTQ class, chunk)
+CALLS = {"batched_expert_statistics": False}
+# name -> (our mode or None for upstream alone, upstream flag, GPTQ class, chunk,
+# GPTQ fields)
 VARIANTS = {
-    "upstream all": (None, True, GPTQModifier, AUTO),
-    "upstream routed": (None, False, GPTQModifier, AUTO),
-    "ours routed": ("routed", False, GPTQModifier, AUTO),
-    "ours all": ("all", True, GPTQModifier, AUTO),
-    "ours all+shared": ("all", True, SharedHessianGPTQModifier, AUTO),
+    "upstream all": (None, True, GPTQModifier, AUTO, {}),
+    "upstream routed": (None, False, GPTQModifier, AUTO, {}),
+    "ours routed": ("routed", False, GPTQModifier, AUTO, {}),
+    "ours all": ("all", True, GPTQModifier, AUTO, {}),
+    # default: experts computed from their weights, down_proj inputs handed over
+    "ours all+shared": ("all", True, SharedHessianGPTQModifier, AUTO, {}),
+    # the same with every expert called as a module (chunked extra calls)
+    "ours all+shared calls": ("all", True, SharedHessianGPTQModifier, AUTO, CALLS),
     # one extra call per expert: fewer calls, more activation memory
-    "ours all+shared 1call": ("all", True, SharedHessianGPTQModifier, ONE_CALL),
-    "ours top_k:2x": ("top_k:{2k}", False, GPTQModifier, AUTO),
-    "ours min_tokens:64": ("min_tokens:64", False, GPTQModifier, AUTO),
-    "ours affinity": ("affinity", False, GPTQModifier, AUTO),
+    "ours all+shared 1call": (
+        "all",
+        True,
+        SharedHessianGPTQModifier,
+        ONE_CALL,
+        CALLS,
+    ),
+    "ours top_k:2x": ("top_k:{2k}", False, GPTQModifier, AUTO, {}),
+    "ours min_tokens:64": ("min_tokens:64", False, GPTQModifier, AUTO, {}),
+    "ours affinity": ("affinity", False, GPTQModifier, AUTO, {}),
 }
 
 
@@ -145,7 +160,7 @@ class PeakRSS:
 
 
 def run_variant(model_dir, tokenizer, data, size, variant, timer, top_k):
-    mode, upstream_flag, gptq_cls, chunk_size = VARIANTS[variant]
+    mode, upstream_flag, gptq_cls, chunk_size, gptq_fields = VARIANTS[variant]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=size["dtype"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
@@ -159,17 +174,21 @@ def run_variant(model_dir, tokenizer, data, size, variant, timer, top_k):
 
         return hook
 
-    recipe = [gptq_cls(targets=["Linear"], scheme="W4A16", ignore=["lm_head"])]
+    recipe = [
+        gptq_cls(targets=["Linear"], scheme="W4A16", ignore=["lm_head"], **gptq_fields)
+    ]
     if mode is not None:
         mode = mode.replace("{2k}", str(2 * top_k))
         recipe.insert(
             0,
             MoECalibrationModifier(mode=mode, chunk_size=chunk_size, rtn_fallback=True),
         )
-    # linearized here (oneshot would do it first thing) so rows can be counted
+    # linearized here (oneshot would do it first thing) so rows can be counted.
+    # Ours report them (tested equal to what the Linears see); hooks would also
+    # stop our weight-computed forwards, which bypass only unobserved Linears.
     linearize_moe(model)
     for name, module in model.named_modules():
-        if ".experts." in name and name.endswith("gate_proj"):
+        if mode is None and ".experts." in name and name.endswith("gate_proj"):
             module.register_forward_pre_hook(counter(name))
     timer.reset()
     gpu_start = 0
@@ -192,6 +211,13 @@ def run_variant(model_dir, tokenizer, data, size, variant, timer, top_k):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
+    if mode is not None:
+        report = last_coverage_report()
+        rows = {
+            f"{block.name}.{expert}": count
+            for block in report.blocks
+            for expert, count in enumerate(block.calibrated)
+        }
     moe_blocks = sum(1 for m in model.modules() if type(m).__name__ == "Glm4MoeMoE")
     peak_gpu = (
         torch.cuda.max_memory_allocated() - gpu_start
@@ -242,26 +268,15 @@ def main() -> None:
         )
         warmup = data.select(range(min(8, len(data))))
         run_variant(model_dir, tokenizer, warmup, size, "ours all", timer, top_k)
-        for name in args.variants:
-            runs = [
-                run_variant(model_dir, tokenizer, data, size, name, timer, top_k)
-                for _ in range(args.repeats)
-            ]
-            result = {
-                key: statistics.median(r[key] for r in runs)
-                if isinstance(runs[0][key], float)
-                else runs[0][key]
-                for key in runs[0]
-            }
-            result["seconds_all"] = [r["seconds"] for r in runs]
-            result["peak_gpu_bytes"] = runs[0]["peak_gpu_bytes"] and max(
-                r["peak_gpu_bytes"] for r in runs
-            )
-            result["peak_rss_above_start_bytes"] = max(
-                r["peak_rss_above_start_bytes"] for r in runs
-            )
-            results[name] = result
-            print(name, json.dumps(result), flush=True)
+        # round-robin repeats, so drift of the machine hits every variant alike
+        runs = {name: [] for name in args.variants}
+        for _ in range(args.repeats):
+            for name in args.variants:
+                run = run_variant(model_dir, tokenizer, data, size, name, timer, top_k)
+                runs[name].append(run)
+                print(name, json.dumps(run), flush=True)
+        for name, variant_runs in runs.items():
+            results[name] = summarize(variant_runs)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"\nsize={args.size} device={device} repeats={args.repeats}")
@@ -269,6 +284,24 @@ def main() -> None:
     Path(args.out).write_text(
         json.dumps({"size": args.size, "device": device, "results": results}, indent=2)
     )
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians over repeats; peaks are the highest seen."""
+    result = {
+        key: statistics.median(r[key] for r in runs)
+        if isinstance(runs[0][key], float)
+        else runs[0][key]
+        for key in runs[0]
+    }
+    result["seconds_all"] = [r["seconds"] for r in runs]
+    result["peak_gpu_bytes"] = runs[0]["peak_gpu_bytes"] and max(
+        r["peak_gpu_bytes"] for r in runs
+    )
+    result["peak_rss_above_start_bytes"] = max(
+        r["peak_rss_above_start_bytes"] for r in runs
+    )
+    return result
 
 
 def print_table(results: dict) -> None:

@@ -16,6 +16,12 @@ from typing import Any, ClassVar
 import torch
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 
+from .batched_experts import (
+    ExpertInputConsumer,
+    forward_from_weights,
+    gated_mlp,
+    matches_module,
+)
 from .modes import AllExpertsMode, CalibrationMode, RoutedMode, parse_mode
 
 __all__ = ["MoECalibrationModule", "AUTO_CHUNK"]
@@ -67,6 +73,10 @@ class MoECalibrationModule(torch.nn.Module):
         self._expert_width: int | None = None
         self.routed_token_counts: torch.Tensor | None = None
         self.calibrated_token_counts: torch.Tensor | None = None
+        # set by a modifier that observes expert inputs itself (shared-Hessian
+        # GPTQ); lets all-mode forwards skip calling the experts as modules
+        self.expert_input_consumer: ExpertInputConsumer | None = None
+        self._experts_are_gated_mlps: bool | None = None
 
     # -- registration (upstream-compatible decorator) ----------------------------
 
@@ -113,9 +123,14 @@ class MoECalibrationModule(torch.nn.Module):
 
     # -- helpers for subclasses ---------------------------------------------------
 
-    def init_coverage(self, num_experts: int) -> None:
-        self.routed_token_counts = torch.zeros(num_experts, dtype=torch.long)
-        self.calibrated_token_counts = torch.zeros(num_experts, dtype=torch.long)
+    def init_coverage(self, num_experts: int, device: torch.device | None = None):
+        # kept on the routing's device: adding to them then needs no device sync
+        self.routed_token_counts = torch.zeros(
+            num_experts, dtype=torch.long, device=device
+        )
+        self.calibrated_token_counts = torch.zeros(
+            num_experts, dtype=torch.long, device=device
+        )
 
     @staticmethod
     def is_calibrating() -> bool:
@@ -134,13 +149,27 @@ class MoECalibrationModule(torch.nn.Module):
         if not self.is_calibrating():
             return None
         if self.routed_token_counts is None:
-            self.init_coverage(routed.shape[1])
+            self.init_coverage(routed.shape[1], routed.device)
         mode = self.calibration_mode
         affinity = affinity_fn() if mode.needs_affinity else None
         selected = mode.select(routed, affinity, self.calibrated_token_counts)
-        self.routed_token_counts += routed.sum(dim=0).cpu()
-        self.calibrated_token_counts += selected.sum(dim=0).cpu()
+        self.routed_token_counts += routed.sum(dim=0)
+        self.calibrated_token_counts += selected.sum(dim=0)
         return selected
+
+    @staticmethod
+    def group_by_expert(
+        expert_ids: torch.Tensor, num_experts: int
+    ) -> tuple[list[torch.Tensor], list[int]]:
+        """Positions in ``expert_ids`` (flattened row-major) grouped by expert id,
+        ascending within each group, as ``torch.where(expert_ids == e)`` lists them,
+        and the group sizes: one device sync for all experts, not one per expert.
+        Groups are only split, never reordered, so expert calls and outputs are
+        those of a ``torch.where`` loop bit for bit."""
+        flat = expert_ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=num_experts).tolist()
+        return list(order.split(counts)), counts
 
     @staticmethod
     def extra_token_indices(
@@ -160,6 +189,56 @@ class MoECalibrationModule(torch.nn.Module):
             chunk if count else None
             for chunk, count in zip(tokens.split(counts), counts, strict=True)
         ]
+
+    # what experts without ``act_fn`` or ``_apply_gate`` apply to ``gate_proj``'s
+    # output; checked against the expert's own forward before use
+    default_expert_activation: ClassVar[Callable | None] = None
+
+    def forward_from_weights(
+        self,
+        hidden_states: torch.Tensor,
+        routing_weights: Callable[[], torch.Tensor],
+        busiest: int,
+    ) -> torch.Tensor | None:
+        """The experts' combined output computed from their weights, all tokens
+        through all experts, with ``down_proj`` inputs handed to
+        ``expert_input_consumer``; None where that path does not apply (not
+        calibrating, not ``all`` mode, no consumer, experts that are not plain
+        gated MLPs or that someone else observes), and the caller then runs the
+        per-expert calls.
+
+        :param routing_weights: builds float [tokens, experts], the routing
+            weight of each token's chosen experts, zero elsewhere
+        """
+        consumer = self.expert_input_consumer
+        if (
+            consumer is None
+            or self._experts_are_gated_mlps is False
+            or not isinstance(self.calibration_mode, AllExpertsMode)
+            or not self.is_calibrating()
+        ):
+            return None
+        container = getattr(self, "experts", None)
+        if container is None:
+            return None
+        count = getattr(self, "num_experts", None) or len(container)
+        experts = [container[i] for i in range(count)]
+        mlps = [gated_mlp(e, self.default_expert_activation) for e in experts]
+        if any(mlp is None for mlp in mlps):
+            self._experts_are_gated_mlps = False
+            return None
+        if not consumer.accepts([linear for mlp in mlps for linear in mlp[:3]]):
+            return None
+        if self._experts_are_gated_mlps is None:
+            self._experts_are_gated_mlps = matches_module(
+                mlps[0], experts[0], hidden_states
+            )
+            if not self._experts_are_gated_mlps:
+                return None
+        chunk = self._chunk_length(experts[0], hidden_states, busiest)
+        return forward_from_weights(
+            mlps, hidden_states, routing_weights(), chunk, consumer
+        )
 
     def run_expert(
         self,

@@ -9,6 +9,12 @@ against it, stacked by rows, so the Hessian is also factorized once per chunk of
 experts instead of once per Linear. Everything else (``down_proj``, attention,
 blocks in routed or sampled modes, distributed runs) takes GPTQ's normal path.
 
+With ``batched_expert_statistics`` (default on), the all-mode blocks also stop
+calling their experts as modules: they compute every expert from its weights and
+hand each ``down_proj`` input straight to this modifier (see ``batched_experts``),
+which removes the per-expert call overhead that dominates all-expert calibration on
+a GPU. It applies only where nothing else observes the expert Linears.
+
 Recipes name it like GPTQ::
 
     SharedHessianGPTQModifier:
@@ -34,6 +40,7 @@ from llmcompressor.modifiers.gptq.helpers import (
 )
 from loguru import logger
 from pydantic import Field, PrivateAttr
+from torch.nn.modules import module as module_hooks
 
 from .base import MoECalibrationModule
 
@@ -48,9 +55,14 @@ class SharedHessianGPTQModifier(GPTQModifier):
     """
     :param rows_per_call: most weight rows quantized in one GPTQ call for a shared
         Hessian (bounds the working memory of stacked experts)
+    :param batched_expert_statistics: let all-mode blocks compute their experts from
+        the weights and pass ``down_proj`` inputs here instead of calling each
+        expert (same statistics, far fewer kernel launches; block outputs during
+        calibration equal up to rounding instead of bit for bit)
     """
 
     rows_per_call: int = Field(default=16384, ge=1)
+    batched_expert_statistics: bool = True
 
     # block -> the Linears that see exactly its input tokens
     _shared_members: dict[torch.nn.Module, list[torch.nn.Module]] = PrivateAttr(
@@ -63,6 +75,13 @@ class SharedHessianGPTQModifier(GPTQModifier):
         default_factory=dict
     )
     _shared_num_samples: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(
+        default_factory=dict
+    )
+    # down_proj -> Hessian and sample count from batched all-expert forwards
+    _consumed_hessians: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(
+        default_factory=dict
+    )
+    _consumed_num_samples: dict[torch.nn.Module, int] = PrivateAttr(
         default_factory=dict
     )
 
@@ -84,6 +103,8 @@ class SharedHessianGPTQModifier(GPTQModifier):
             for member in members:
                 self._member_of[member] = block
             self.register_hook(block, self._accumulate_block_input, "forward")
+            if self.batched_expert_statistics:
+                block.expert_input_consumer = self
         shared = sum(len(m) for m in self._shared_members.values())
         if not shared:
             logger.warning(
@@ -102,6 +123,60 @@ class SharedHessianGPTQModifier(GPTQModifier):
             return  # accumulated once per block in _accumulate_block_input
         super().calibrate_module(module, args, _output)
 
+    # -- ExpertInputConsumer (batched all-expert forwards) -------------------------
+
+    def accepts(self, linears) -> bool:
+        if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+            return False
+        return all(self._observed_only_by_us(linear) for linear in linears)
+
+    def _observed_only_by_us(self, linear: torch.nn.Module) -> bool:
+        if linear._forward_pre_hooks or any(
+            getattr(hook, "__wrapped__", None) != self.calibrate_module
+            for hook in linear._forward_hooks.values()
+        ):
+            return False
+        if "forward" in vars(linear):
+            # compressed-tensors' QDQ forward is plain F.linear only while
+            # quantization is disabled (as GPTQ does during calibration); any other
+            # wrapper might do something the weights alone do not show
+            return getattr(linear, "quantization_scheme", None) is not None and (
+                getattr(linear, "quantization_enabled", True) is False
+            )
+        return True
+
+    def consume(self, down_proj, inputs) -> None:
+        if (
+            down_proj not in self._module_names
+            or getattr_chain(down_proj, "quantization_scheme.weights", None) is None
+        ):
+            return  # not quantized by GPTQ: nothing to observe
+        hessian = self._consumed_hessians.get(down_proj)
+        if hessian is None:
+            width = inputs.shape[-1]
+            hessian = torch.zeros(
+                (width, width), device=inputs.device, dtype=GPTQ_PRECISION
+            )
+            self._consumed_hessians[down_proj] = hessian
+            self._consumed_num_samples[down_proj] = 0
+        # what accumulate_hessian adds for one 2-D call: 2 X^T X, one sample
+        rows = inputs.to(GPTQ_PRECISION)
+        hessian.addmm_(rows.t(), rows, alpha=2.0)
+        self._consumed_num_samples[down_proj] += 1
+
+    def _merge_consumed_statistics(self) -> None:
+        for module in list(self._consumed_hessians):
+            hessian = self._consumed_hessians.pop(module)
+            count = self._consumed_num_samples.pop(module)
+            if module in self._num_samples:  # also called as a module: add both
+                self._hessians[module] += hessian
+                self._num_samples[module] += count
+            else:
+                self._hessians[module] = hessian
+                self._num_samples[module] = torch.tensor(
+                    float(count), device=hessian.device
+                )
+
     def _accumulate_block_input(self, block, args, _output):
         representative = self._shared_members[block][0]
         if block not in self._shared_hessians:
@@ -119,6 +194,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
         )
 
     def compress_modules(self):
+        self._merge_consumed_statistics()
         for block in list(self._shared_hessians):
             hessian = self._shared_hessians.pop(block)
             num_samples = self._shared_num_samples.pop(block)
@@ -198,6 +274,8 @@ class SharedHessianGPTQModifier(GPTQModifier):
                 f"Failed to compress the shared-Hessian Linears of "
                 f"{len(self._shared_hessians)} MoE block(s)"
             )
+        for block in self._shared_members:
+            block.expert_input_consumer = None
         self._shared_members.clear()
         self._member_of.clear()
         return super().on_finalize(state, **kwargs)

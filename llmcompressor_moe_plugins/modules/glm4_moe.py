@@ -77,33 +77,48 @@ class CalibrationGlm4MoeMoE(MoECalibrationModule):
         orig_shape = hidden_states.shape
         topk_indices, topk_weights = self._route(hidden_states)
         hidden_states = hidden_states.view(-1, hidden_states.shape[-1])
+        num_tokens = hidden_states.shape[0]
 
         with torch.no_grad():
-            expert_mask = torch.nn.functional.one_hot(topk_indices, self.num_experts)
-            routed = expert_mask.sum(dim=1).bool()  # [tokens, experts]
-            expert_mask = expert_mask.permute(2, 1, 0)
+            routed = torch.zeros(
+                num_tokens,
+                self.num_experts,
+                dtype=torch.bool,
+                device=topk_indices.device,
+            ).scatter_(1, topk_indices, True)  # [tokens, experts]
+            # (top-k slot, token) pairs per expert, in the order the original's
+            # torch.where(expert_mask[e]) lists them
+            positions, counts = self.group_by_expert(topk_indices.t(), self.num_experts)
         calibrate = self.select_calibration_tokens(
             routed, lambda: self._affinity(hidden_states)
         )
-        busiest = int(routed.sum(dim=0).max())
-        extras = self.extra_token_indices(routed, calibrate)
-
-        final_hidden_states = torch.zeros_like(hidden_states)
-        for expert_index in range(self.num_experts):
-            top_k_pos, token_indices = torch.where(expert_mask[expert_index])
-            expert_output = self.run_expert(
-                self.experts[expert_index],
-                hidden_states,
-                token_indices,
-                extras[expert_index],
-                busiest,
-            )
-            if expert_output is None:
-                continue
-            weighted = expert_output * topk_weights[token_indices, top_k_pos, None]
-            final_hidden_states.index_add_(
-                0, token_indices, weighted.to(final_hidden_states.dtype)
-            )
+        busiest = max(counts)
+        final_hidden_states = self.forward_from_weights(
+            hidden_states,
+            lambda: torch.zeros(routed.shape, device=routed.device).scatter_(
+                1, topk_indices, topk_weights.float()
+            ),
+            busiest,
+        )
+        if final_hidden_states is None:
+            extras = self.extra_token_indices(routed, calibrate)
+            final_hidden_states = torch.zeros_like(hidden_states)
+            for expert_index in range(self.num_experts):
+                top_k_pos = positions[expert_index] // num_tokens
+                token_indices = positions[expert_index] % num_tokens
+                expert_output = self.run_expert(
+                    self.experts[expert_index],
+                    hidden_states,
+                    token_indices,
+                    extras[expert_index],
+                    busiest,
+                )
+                if expert_output is None:
+                    continue
+                weighted = expert_output * topk_weights[token_indices, top_k_pos, None]
+                final_hidden_states.index_add_(
+                    0, token_indices, weighted.to(final_hidden_states.dtype)
+                )
 
         hidden_states = final_hidden_states.view(*orig_shape)
         return hidden_states + self.shared_experts(residuals)

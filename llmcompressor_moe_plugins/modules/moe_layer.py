@@ -22,6 +22,9 @@ _REQUIRED = ("experts", "gate", "num_experts_per_tok")
 
 
 class CalibrationMoeLayer(MoECalibrationModule):
+    # the book's experts compute down(silu(gate(x)) * up(x)) with F.silu
+    default_expert_activation = staticmethod(F.silu)
+
     def __init__(
         self,
         original: torch.nn.Module,
@@ -61,12 +64,24 @@ class CalibrationMoeLayer(MoECalibrationModule):
         calibrate = self.select_calibration_tokens(
             routed, lambda: F.softmax(gate_logits, dim=1, dtype=torch.float)
         )
-        busiest = int(routed.sum(dim=0).max())
-        extras = self.extra_token_indices(routed, calibrate)
+        # (token, top-k slot) pairs per expert, as torch.where(selected == i) lists
+        positions, counts = self.group_by_expert(selected_experts, self.num_experts)
+        busiest = max(counts)
+        results = self.forward_from_weights(
+            inputs,
+            lambda: torch.zeros_like(gate_logits, dtype=torch.float).scatter_(
+                1, selected_experts, weights.float()
+            ),
+            busiest,
+        )
+        if results is not None:
+            return results.reshape(shape)
 
+        extras = self.extra_token_indices(routed, calibrate)
         results = torch.zeros_like(inputs)
         for i, expert in enumerate(self.experts):
-            token_idx, nth_expert = torch.where(selected_experts == i)
+            token_idx = positions[i] // self.num_experts_per_tok
+            nth_expert = positions[i] % self.num_experts_per_tok
             output = self.run_expert(expert, inputs, token_idx, extras[i], busiest)
             if output is not None:
                 results[token_idx] += weights[token_idx, nth_expert, None] * output
