@@ -18,9 +18,11 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 
 from .batched_experts import (
     ExpertInputConsumer,
+    GatedMLP,
     forward_from_weights,
     gated_mlp,
     matches_module,
+    silent_linear,
 )
 from .modes import AllExpertsMode, CalibrationMode, RoutedMode, parse_mode
 
@@ -77,6 +79,7 @@ class MoECalibrationModule(torch.nn.Module):
         # GPTQ); lets all-mode forwards skip calling the experts as modules
         self.expert_input_consumer: ExpertInputConsumer | None = None
         self._experts_are_gated_mlps: bool | None = None
+        self._gated_mlps_are_exact: bool | None = None
 
     # -- registration (upstream-compatible decorator) ----------------------------
 
@@ -218,16 +221,10 @@ class MoECalibrationModule(torch.nn.Module):
             or not self.is_calibrating()
         ):
             return None
-        container = getattr(self, "experts", None)
-        if container is None:
+        experts, mlps = self._experts(), self._gated_mlps()
+        if mlps is None:
             return None
-        count = getattr(self, "num_experts", None) or len(container)
-        experts = [container[i] for i in range(count)]
-        mlps = [gated_mlp(e, self.default_expert_activation) for e in experts]
-        if any(mlp is None for mlp in mlps):
-            self._experts_are_gated_mlps = False
-            return None
-        if not consumer.accepts([linear for mlp in mlps for linear in mlp[:3]]):
+        if not consumer.accepts([linear for mlp in mlps for linear in mlp.linears]):
             return None
         if self._experts_are_gated_mlps is None:
             self._experts_are_gated_mlps = matches_module(
@@ -240,16 +237,55 @@ class MoECalibrationModule(torch.nn.Module):
             mlps, hidden_states, routing_weights(), chunk, consumer
         )
 
+    def callable_experts(self, hidden_states: torch.Tensor) -> list:
+        """What to call for routed outputs: each expert's arithmetic straight from
+        its weights where that is bit for bit the module call and nothing is
+        listening (propagation and search forwards, every llmcompressor hook off),
+        which skips per-call wrapper overhead; else the expert modules."""
+        experts = self._experts()
+        if self._gated_mlps_are_exact is False or self.is_calibrating():
+            return experts
+        mlps = self._gated_mlps()
+        if mlps is None or not all(
+            silent_linear(linear, hidden_states.device)
+            for mlp in mlps
+            for linear in mlp.linears
+        ):
+            return experts
+        if self._gated_mlps_are_exact is None:
+            self._gated_mlps_are_exact = matches_module(
+                mlps[0], experts[0], hidden_states, exact=True
+            )
+        return mlps if self._gated_mlps_are_exact else experts
+
+    def _experts(self) -> list[torch.nn.Module]:
+        container = getattr(self, "experts", None)
+        if container is None:
+            return []
+        count = getattr(self, "num_experts", None) or len(container)
+        return [container[i] for i in range(count)]
+
+    def _gated_mlps(self) -> list[GatedMLP] | None:
+        experts = self._experts()
+        if self._experts_are_gated_mlps is False or not experts:
+            return None
+        mlps = [gated_mlp(e, self.default_expert_activation) for e in experts]
+        if any(mlp is None for mlp in mlps):
+            self._experts_are_gated_mlps = False
+            return None
+        return mlps
+
     def run_expert(
         self,
-        expert: torch.nn.Module,
+        expert: Callable[[torch.Tensor], torch.Tensor],
         hidden_states: torch.Tensor,
         routed_tokens: torch.Tensor,
         extra_tokens: torch.Tensor | None,
         chunk_hint: int,
     ) -> torch.Tensor | None:
-        """Call ``expert`` on its routed tokens (one call, exactly as the original
-        block does, so outputs are bit-identical), then on ``extra_tokens`` in
+        """Call ``expert`` (a module, or from :meth:`callable_experts`) on its routed
+        tokens (one call, exactly as the original block does, so outputs are
+        bit-identical), then on ``extra_tokens`` in
         chunks for statistics only. Never calls an expert with zero tokens: an
         empty call leaves GPTQ an all-zero Hessian and zeroes the expert.
 

@@ -16,18 +16,21 @@ it equals the per-expert path up to floating-point rounding, not bit for bit.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from llmcompressor.modifiers.utils.hooks import HooksMixin
+from torch.nn.modules import module as module_hooks
 
 __all__ = [
     "ExpertInputConsumer",
     "GatedMLP",
     "gated_mlp",
     "matches_module",
+    "silent_linear",
     "forward_from_weights",
 ]
 
@@ -61,6 +64,13 @@ class GatedMLP(NamedTuple):
     def output(self, intermediate: torch.Tensor) -> torch.Tensor:
         return F.linear(intermediate, self.down_proj.weight, self.down_proj.bias)
 
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.output(self.intermediate(tokens))
+
+    @property
+    def linears(self) -> tuple[torch.nn.Linear, ...]:
+        return self.gate_proj, self.up_proj, self.down_proj
+
 
 def gated_mlp(
     expert: torch.nn.Module,
@@ -91,18 +101,60 @@ def gated_mlp(
 
 
 def matches_module(
-    mlp: GatedMLP, expert: torch.nn.Module, tokens: torch.Tensor
+    mlp: GatedMLP, expert: torch.nn.Module, tokens: torch.Tensor, exact: bool = False
 ) -> bool:
-    """Whether ``mlp`` computes what ``expert`` does, on a few real tokens. Hooks
-    are off for the reference call, so no observer sees the probe."""
+    """Whether ``mlp`` computes what ``expert`` does on a few real tokens: bit for
+    bit with ``exact``, else within rounding. llmcompressor's hooks are off for the
+    reference call, so no observer sees the probe."""
     probe = tokens[:_LAYOUT_PROBE_TOKENS]
-    with torch.no_grad(), HooksMixin.disable_hooks():
-        reference = expert(probe).float()
-        ours = mlp.output(mlp.intermediate(probe)).float()
-    if ours.shape != reference.shape:
+    # HooksMixin.disable_hooks() re-enables hooks on exit even if they were off
+    hooks_were_disabled = HooksMixin._HOOKS_DISABLED
+    HooksMixin._HOOKS_DISABLED = True
+    try:
+        with torch.no_grad():
+            reference = expert(probe)
+            ours = mlp(probe)
+    finally:
+        HooksMixin._HOOKS_DISABLED = hooks_were_disabled
+    if ours.shape != reference.shape or ours.dtype != reference.dtype:
         return False
-    error = (ours - reference).norm() / reference.norm().clamp_min(1e-12)
-    return bool(error <= _LAYOUT_TOLERANCE)
+    if exact:
+        return torch.equal(ours, reference)
+    error = (ours.float() - reference.float()).norm()
+    return bool(error <= _LAYOUT_TOLERANCE * reference.float().norm().clamp_min(1e-12))
+
+
+def _is_llmcompressor_hook(hook) -> bool:
+    # HooksMixin wraps every hook in a closure of one code object
+    return getattr(hook, "__code__", None) is _hooks_mixin_wrapper_code()
+
+
+@functools.cache
+def _hooks_mixin_wrapper_code():
+    module, owner = torch.nn.Identity(), HooksMixin()
+    owner.register_hook(module, lambda *args: None, "forward")
+    code = next(iter(module._forward_hooks.values())).__code__
+    owner.remove_hooks()
+    return code
+
+
+def silent_linear(linear: torch.nn.Module, device: torch.device) -> bool:
+    """True if calling ``linear`` now is exactly ``F.linear`` with its weights and
+    bypassing it hides nothing: quantization off, weights on ``device``, and every
+    hook on it one of llmcompressor's while they are all disabled."""
+    if not HooksMixin._HOOKS_DISABLED or linear.weight.device != device:
+        return False
+    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        return False
+    kept = {handle.id for handle in HooksMixin._HOOKS_KEEP_ENABLED}
+    for hooks in (linear._forward_pre_hooks, linear._forward_hooks):
+        for key, hook in hooks.items():
+            if key in kept or not _is_llmcompressor_hook(hook):
+                return False
+    quantizing = getattr(linear, "quantization_scheme", None) is not None and getattr(
+        linear, "quantization_enabled", True
+    )
+    return not quantizing
 
 
 def forward_from_weights(

@@ -103,11 +103,12 @@ class CalibrationGlm4MoeMoE(MoECalibrationModule):
         if final_hidden_states is None:
             extras = self.extra_token_indices(routed, calibrate)
             final_hidden_states = torch.zeros_like(hidden_states)
+            experts = self.callable_experts(hidden_states)
             for expert_index in range(self.num_experts):
                 top_k_pos = positions[expert_index] // num_tokens
                 token_indices = positions[expert_index] % num_tokens
                 expert_output = self.run_expert(
-                    self.experts[expert_index],
+                    experts[expert_index],
                     hidden_states,
                     token_indices,
                     extras[expert_index],

@@ -79,7 +79,7 @@ class CalibrationMoeLayer(MoECalibrationModule):
 
         extras = self.extra_token_indices(routed, calibrate)
         results = torch.zeros_like(inputs)
-        for i, expert in enumerate(self.experts):
+        for i, expert in enumerate(self.callable_experts(inputs)):
             token_idx = positions[i] // self.num_experts_per_tok
             nth_expert = positions[i] % self.num_experts_per_tok
             output = self.run_expert(expert, inputs, token_idx, extras[i], busiest)

@@ -131,3 +131,58 @@ def test_per_expert_calls_where_the_path_does_not_apply(why, monkeypatch):
     assert torch.equal(output, original)  # the exact per-expert path
     assert consumer.grams == {}
     assert calls  # experts were called as modules
+
+
+class LinearCalls:
+    """Counts calls of Linear modules (F.linear on their weights is not a call)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        forward = torch.nn.Linear.forward
+
+        def counted(module, x):
+            self.count += 1
+            return forward(module, x)
+
+        monkeypatch.setattr(torch.nn.Linear, "forward", counted)
+
+
+@pytest.mark.parametrize("kind", ["glm4", "moe_layer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_uncalibrated_forwards_skip_module_calls_bit_for_bit(kind, dtype, monkeypatch):
+    block, cls, config, hidden = make_block(kind, dtype)
+    x = torch.randn(2, 21, hidden, dtype=dtype)
+    with torch.no_grad():
+        original = block(x)
+    calibration = cls(block, config, mode="all")
+    with torch.no_grad(), HooksMixin.disable_hooks():  # as in propagation
+        calibration(x)  # the first forward probes expert 0 against its module
+        calls = LinearCalls(monkeypatch)
+        output = calibration(x)
+    assert torch.equal(output, original)
+    # only the shared expert's Linears (GLM4) or the gate Linear (book) remain
+    assert calls.count == (3 if kind == "glm4" else 1)
+    assert not HooksMixin._HOOKS_DISABLED  # the probe restored the hook state
+
+
+@pytest.mark.parametrize("why", ["plain_hook", "quantizing", "wrong_activation"])
+def test_uncalibrated_forwards_call_modules_where_needed(why, monkeypatch):
+    block, cls, config, hidden = make_block("moe_layer")
+    x = torch.randn(24, hidden)
+    with torch.no_grad():
+        original = block(x)
+    seen = []
+    if why == "plain_hook":  # not llmcompressor's: nothing disables it
+        block.experts[2].up_proj.register_forward_hook(lambda *a: seen.append(1))
+    if why == "quantizing":  # compressed-tensors QDQ on: the weights alone differ
+        block.experts[2].up_proj.quantization_scheme = object()
+    if why == "wrong_activation":
+        monkeypatch.setattr(cls, "default_expert_activation", staticmethod(F.gelu))
+    calibration = cls(block, config, mode="all")
+    with torch.no_grad(), HooksMixin.disable_hooks():
+        calibration(x)
+        calls = LinearCalls(monkeypatch)
+        output = calibration(x)
+    assert torch.equal(output, original)
+    assert calls.count > 1  # more than the gate: the experts were called
+    assert seen or why != "plain_hook"
