@@ -85,6 +85,8 @@ VARIANTS = {
     "ours all": ("all", True, GPTQModifier, AUTO, {}),
     # default: experts computed from their weights, down_proj inputs handed over
     "ours all+shared": ("all", True, SharedHessianGPTQModifier, AUTO, {}),
+    # the same over all of a batch's tokens at once: fewer kernels, more memory
+    "ours all+shared 1chunk": ("all", True, SharedHessianGPTQModifier, ONE_CALL, {}),
     # the same with every expert called as a module (chunked extra calls)
     "ours all+shared calls": ("all", True, SharedHessianGPTQModifier, AUTO, CALLS),
     # one extra call per expert: fewer calls, more activation memory
