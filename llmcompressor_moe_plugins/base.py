@@ -78,7 +78,10 @@ class MoECalibrationModule(torch.nn.Module):
         # set by a modifier that observes expert inputs itself (shared-Hessian
         # GPTQ); lets all-mode forwards skip calling the experts as modules
         self.expert_input_consumer: ExpertInputConsumer | None = None
-        self._experts_are_gated_mlps: bool | None = None
+        # the experts as gated MLPs over their weights ([] if they are not), and
+        # whether a probe found them equal to the modules within rounding / exactly
+        self._gated_mlp_list: list[GatedMLP] | None = None
+        self._gated_mlps_are_close: bool | None = None
         self._gated_mlps_are_exact: bool | None = None
 
     # -- registration (upstream-compatible decorator) ----------------------------
@@ -216,7 +219,7 @@ class MoECalibrationModule(torch.nn.Module):
         consumer = self.expert_input_consumer
         if (
             consumer is None
-            or self._experts_are_gated_mlps is False
+            or self._gated_mlps_are_close is False
             or not isinstance(self.calibration_mode, AllExpertsMode)
             or not self.is_calibrating()
         ):
@@ -226,11 +229,11 @@ class MoECalibrationModule(torch.nn.Module):
             return None
         if not consumer.accepts([linear for mlp in mlps for linear in mlp.linears]):
             return None
-        if self._experts_are_gated_mlps is None:
-            self._experts_are_gated_mlps = matches_module(
+        if self._gated_mlps_are_close is None:
+            self._gated_mlps_are_close = matches_module(
                 mlps[0], experts[0], hidden_states
             )
-            if not self._experts_are_gated_mlps:
+            if not self._gated_mlps_are_close:
                 return None
         chunk = self._chunk_length(experts[0], hidden_states, busiest)
         return forward_from_weights(
@@ -266,14 +269,12 @@ class MoECalibrationModule(torch.nn.Module):
         return [container[i] for i in range(count)]
 
     def _gated_mlps(self) -> list[GatedMLP] | None:
-        experts = self._experts()
-        if self._experts_are_gated_mlps is False or not experts:
-            return None
-        mlps = [gated_mlp(e, self.default_expert_activation) for e in experts]
-        if any(mlp is None for mlp in mlps):
-            self._experts_are_gated_mlps = False
-            return None
-        return mlps
+        # built once: the experts (and so their Linears) never change here
+        if self._gated_mlp_list is None:
+            experts = self._experts()
+            mlps = [gated_mlp(e, self.default_expert_activation) for e in experts]
+            self._gated_mlp_list = mlps if experts and all(mlps) else []
+        return self._gated_mlp_list or None
 
     def run_expert(
         self,
