@@ -31,6 +31,7 @@ __all__ = [
     "gated_mlp",
     "matches_module",
     "silent_linear",
+    "global_hooks_attached",
     "forward_from_weights",
 ]
 
@@ -138,13 +139,20 @@ def _hooks_mixin_wrapper_code():
     return code
 
 
+def global_hooks_attached() -> bool:
+    """Module hooks registered for every module (they would see bypassed calls)."""
+    return bool(
+        module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+    )
+
+
 def silent_linear(linear: torch.nn.Module, device: torch.device) -> bool:
     """True if calling ``linear`` now is exactly ``F.linear`` with its weights and
     bypassing it hides nothing: quantization off, weights on ``device``, and every
     hook on it one of llmcompressor's while they are all disabled."""
     if not HooksMixin._HOOKS_DISABLED or linear.weight.device != device:
         return False
-    if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+    if global_hooks_attached():
         return False
     kept = {handle.id for handle in HooksMixin._HOOKS_KEEP_ENABLED}
     for hooks in (linear._forward_pre_hooks, linear._forward_hooks):

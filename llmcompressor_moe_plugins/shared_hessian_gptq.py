@@ -40,9 +40,9 @@ from llmcompressor.modifiers.gptq.helpers import (
 )
 from loguru import logger
 from pydantic import Field, PrivateAttr
-from torch.nn.modules import module as module_hooks
 
 from .base import MoECalibrationModule
+from .batched_experts import global_hooks_attached
 
 __all__ = ["SharedHessianGPTQModifier"]
 
@@ -126,7 +126,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
     # -- ExpertInputConsumer (batched all-expert forwards) -------------------------
 
     def accepts(self, linears) -> bool:
-        if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+        if global_hooks_attached():
             return False
         return all(self._observed_only_by_us(linear) for linear in linears)
 
