@@ -8,8 +8,15 @@ points and imported only when a model needs them.
 """
 
 from .base import MoECalibrationModule
-from .context import SwappedBlocks, moe_calibration_context, swap_in_calibration_modules
+from .context import (
+    BlockPlan,
+    SwappedBlocks,
+    moe_calibration_context,
+    plan_calibration,
+    swap_in_calibration_modules,
+)
 from .coverage import CoverageReport, UndercalibratedExpertsError
+from .dispatch import Routing
 from .models import MoeLayer, TextbookMoeConfig, TextbookMoeForCausalLM
 from .modes import CalibrationMode, parse_mode
 from .modifier import MoECalibrationModifier, last_coverage_report
@@ -20,6 +27,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MoECalibrationModule",
+    "Routing",
+    "plan_calibration",
+    "BlockPlan",
     "MoECalibrationModifier",
     "SharedHessianGPTQModifier",
     "moe_calibration_context",

@@ -16,14 +16,13 @@ it equals the per-expert path up to floating-point rounding, not bit for bit.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
-from llmcompressor.modifiers.utils.hooks import HooksMixin
-from torch.nn.modules import module as module_hooks
+
+from . import upstream
 
 __all__ = [
     "ExpertInputConsumer",
@@ -31,7 +30,6 @@ __all__ = [
     "gated_mlp",
     "matches_module",
     "silent_linear",
-    "global_hooks_attached",
     "forward_from_weights",
 ]
 
@@ -108,15 +106,9 @@ def matches_module(
     bit with ``exact``, else within rounding. llmcompressor's hooks are off for the
     reference call, so no observer sees the probe."""
     probe = tokens[:_LAYOUT_PROBE_TOKENS]
-    # HooksMixin.disable_hooks() re-enables hooks on exit even if they were off
-    hooks_were_disabled = HooksMixin._HOOKS_DISABLED
-    HooksMixin._HOOKS_DISABLED = True
-    try:
-        with torch.no_grad():
-            reference = expert(probe)
-            ours = mlp(probe)
-    finally:
-        HooksMixin._HOOKS_DISABLED = hooks_were_disabled
+    with upstream.quiet_reference_call(), torch.no_grad():
+        reference = expert(probe)
+        ours = mlp(probe)
     if ours.shape != reference.shape or ours.dtype != reference.dtype:
         return False
     if exact:
@@ -125,39 +117,18 @@ def matches_module(
     return bool(error <= _LAYOUT_TOLERANCE * reference.float().norm().clamp_min(1e-12))
 
 
-def _is_llmcompressor_hook(hook) -> bool:
-    # HooksMixin wraps every hook in a closure of one code object
-    return getattr(hook, "__code__", None) is _hooks_mixin_wrapper_code()
-
-
-@functools.cache
-def _hooks_mixin_wrapper_code():
-    module, owner = torch.nn.Identity(), HooksMixin()
-    owner.register_hook(module, lambda *args: None, "forward")
-    code = next(iter(module._forward_hooks.values())).__code__
-    owner.remove_hooks()
-    return code
-
-
-def global_hooks_attached() -> bool:
-    """Module hooks registered for every module (they would see bypassed calls)."""
-    return bool(
-        module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
-    )
-
-
 def silent_linear(linear: torch.nn.Module, device: torch.device) -> bool:
     """True if calling ``linear`` now is exactly ``F.linear`` with its weights and
     bypassing it hides nothing: quantization off, weights on ``device``, and every
     hook on it one of llmcompressor's while they are all disabled."""
-    if not HooksMixin._HOOKS_DISABLED or linear.weight.device != device:
+    if upstream.hooks_enabled() or linear.weight.device != device:
         return False
-    if global_hooks_attached():
+    if upstream.global_hooks_attached():
         return False
-    kept = {handle.id for handle in HooksMixin._HOOKS_KEEP_ENABLED}
+    kept = upstream.kept_enabled_hook_ids()
     for hooks in (linear._forward_pre_hooks, linear._forward_hooks):
         for key, hook in hooks.items():
-            if key in kept or not _is_llmcompressor_hook(hook):
+            if key in kept or not upstream.is_llmcompressor_hook(hook):
                 return False
     quantizing = getattr(linear, "quantization_scheme", None) is not None and getattr(
         linear, "quantization_enabled", True

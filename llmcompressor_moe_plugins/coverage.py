@@ -3,32 +3,45 @@
 ``routed`` is what the router sent an expert during calibration forwards;
 ``calibrated`` is what the expert's Linears were actually calibrated on (the mode
 may add tokens). Propagation-only forwards (hooks disabled) are not counted.
+
+Counts are kept per calibration pass and never summed across passes: a recipe with
+two modifiers that need data (SmoothQuant, then GPTQ) runs the calibration data
+through the model twice, and each pass has its own counts. The last pass is the one
+that quantized the experts, so the table, the check against ``min_tokens`` and the
+heatmap use it unless told otherwise.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "BlockCoverage",
+    "CalibrationPass",
     "CoverageReport",
-    "build_coverage_report",
     "UndercalibratedExpertsError",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
 class BlockCoverage:
-    name: str
-    block_class: str
-    mode: str
-    routed: list[int]
-    calibrated: list[int]
+    """One MoE block's per-expert counts in one calibration pass."""
+
+    name: str  # module path of the block, e.g. "model.layers.1.mlp"
+    block_class: str  # class of the original block (what --block-mode takes)
+    calibration_module: str  # class that replaced it, e.g. "CalibrationGlm4MoeMoE"
+    mode: str  # calibration mode, e.g. "affinity:0.1"
+    routed: list[int]  # per expert: tokens the router sent it in this pass
+    calibrated: list[int]  # per expert: tokens its Linears were calibrated on
+    floor: int = 0  # tokens per expert the mode guarantees (0: none)
 
     @property
     def num_experts(self) -> int:
@@ -36,17 +49,50 @@ class BlockCoverage:
 
 
 @dataclass
-class CoverageReport:
+class CalibrationPass:
+    """The counts of one pass of the calibration data through the model."""
+
+    label: str  # the modifiers this pass served, e.g. "GPTQModifier"
     blocks: list[BlockCoverage]
+
+
+@dataclass
+class CoverageReport:
+    passes: list[CalibrationPass]
     min_tokens: int = 1
     # experts ("block.experts.N") quantized round-to-nearest because they had
     # fewer than min_tokens calibrated tokens and the user opted into the fallback
     rtn_fallback: list[str] = field(default_factory=list)
 
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per (block, expert), worst covered first."""
+    @property
+    def blocks(self) -> list[BlockCoverage]:
+        """The blocks of the last pass: the one that quantized the experts."""
+        return self.passes[-1].blocks if self.passes else []
+
+    def _pass(self, pass_index: int) -> CalibrationPass | None:
+        if not self.passes:
+            return None
+        try:
+            return self.passes[pass_index]
+        except IndexError:
+            raise IndexError(
+                f"pass_index {pass_index}: this report has {len(self.passes)} "
+                "calibration pass(es)"
+            ) from None
+
+    def describe_pass(self, pass_index: int = -1) -> str:
+        """``"calibration pass 2 of 2 (GPTQModifier)"``."""
+        calibration = self._pass(pass_index)
+        if calibration is None:
+            return "no calibration pass"
+        number = pass_index % len(self.passes) + 1
+        return f"calibration pass {number} of {len(self.passes)} ({calibration.label})"
+
+    def rows(self, pass_index: int = -1) -> list[dict[str, Any]]:
+        """One row per (block, expert) of one pass, worst covered first."""
+        calibration = self._pass(pass_index)
         rows = []
-        for block in self.blocks:
+        for block in calibration.blocks if calibration else []:
             total_routed = sum(block.routed) or 1
             for expert, (routed, calibrated) in enumerate(
                 zip(block.routed, block.calibrated, strict=True)
@@ -54,6 +100,7 @@ class CoverageReport:
                 rows.append(
                     {
                         "block": block.name,
+                        "block_class": block.block_class,
                         "expert": expert,
                         "routed": routed,
                         "calibrated": calibrated,
@@ -63,27 +110,56 @@ class CoverageReport:
         rows.sort(key=lambda r: (r["calibrated"], r["routed"], r["block"], r["expert"]))
         return rows
 
-    def undercalibrated(self, min_tokens: int | None = None) -> list[str]:
+    def undercalibrated(
+        self, min_tokens: int | None = None, pass_index: int = -1
+    ) -> list[str]:
+        """Experts of one pass calibrated on fewer than ``min_tokens`` tokens."""
         threshold = self.min_tokens if min_tokens is None else min_tokens
+        calibration = self._pass(pass_index)
         return [
             f"{block.name}.experts.{expert}"
-            for block in self.blocks
+            for block in (calibration.blocks if calibration else [])
             for expert, count in enumerate(block.calibrated)
             if count < threshold
         ]
+
+    # -- JSON ---------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "schema_version": SCHEMA_VERSION,
             "min_tokens": self.min_tokens,
             "rtn_fallback": list(self.rtn_fallback),
-            "blocks": [asdict(block) for block in self.blocks],
+            "passes": [asdict(calibration) for calibration in self.passes],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CoverageReport:
+        """Reads schema 2 and schema 1 (one list of blocks, counts summed over
+        every pass, ``block_class`` naming the calibration module)."""
+        version = data.get("schema_version", 1)
+        if version == 1:
+            passes = [
+                CalibrationPass(
+                    label="all passes, summed (schema 1 report)",
+                    blocks=[_block_from_v1(block) for block in data["blocks"]],
+                )
+            ]
+        elif version == SCHEMA_VERSION:
+            passes = [
+                CalibrationPass(
+                    label=calibration["label"],
+                    blocks=[BlockCoverage(**block) for block in calibration["blocks"]],
+                )
+                for calibration in data["passes"]
+            ]
+        else:
+            raise ValueError(
+                f"Coverage report schema {version} is newer than this "
+                f"llmcompressor-moe-plugins reads ({SCHEMA_VERSION}); upgrade it."
+            )
         return cls(
-            blocks=[BlockCoverage(**block) for block in data["blocks"]],
+            passes=passes,
             min_tokens=data.get("min_tokens", 1),
             rtn_fallback=list(data.get("rtn_fallback", [])),
         )
@@ -93,98 +169,319 @@ class CoverageReport:
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
 
-    def format_table(self, limit: int = 20) -> str:
-        rows = self.rows()
+    # -- table --------------------------------------------------------------------
+
+    def format_table(self, limit: int = 20, pass_index: int = -1) -> str:
+        """The worst-covered experts of one pass (the last by default), then a
+        summary line per pass."""
+        calibration = self._pass(pass_index)
+        if calibration is None or not calibration.blocks:
+            return "Expert coverage: no MoE blocks were calibrated."
+        rows = self.rows(pass_index)
+        blocks = calibration.blocks
+        starved = set(self.undercalibrated(pass_index=pass_index))
+        rtn = set(self.rtn_fallback)
+        floors = {block.name: block.floor for block in blocks}
+        name_width = max(len("block"), *(len(b.name) for b in blocks))
+        class_width = max(len("block class"), *(len(b.block_class) for b in blocks))
         lines = [
-            f"{'block':<40} {'expert':>6} {'routed':>8} {'calibrated':>10} "
-            f"{'share':>7}",
+            f"Expert coverage, {self.describe_pass(pass_index)}: tokens per expert "
+            "in this pass, worst first",
+            f"{'block':<{name_width}} {'block class':<{class_width}} {'expert':>6} "
+            f"{'routed':>8} {'calibrated':>10} {'share':>7}",
         ]
         for row in rows[:limit]:
-            flag = (
-                "  <- RTN fallback"
-                if (f"{row['block']}.experts.{row['expert']}" in self.rtn_fallback)
-                else ""
-            )
+            expert = f"{row['block']}.experts.{row['expert']}"
+            if expert in rtn:
+                flag = "  <- RTN fallback"
+            elif expert in starved:
+                flag = f"  <- below min_tokens {self.min_tokens}"
+            elif row["calibrated"] < floors[row["block"]]:
+                flag = f"  <- below floor {floors[row['block']]}"
+            else:
+                flag = ""
             lines.append(
-                f"{row['block']:<40} {row['expert']:>6} {row['routed']:>8} "
-                f"{row['calibrated']:>10} {row['routed_share']:>7.1%}{flag}"
+                f"{row['block']:<{name_width}} {row['block_class']:<{class_width}} "
+                f"{row['expert']:>6} {row['routed']:>8} {row['calibrated']:>10} "
+                f"{row['routed_share']:>7.1%}{flag}"
             )
         if len(rows) > limit:
             lines.append(f"... {len(rows) - limit} more experts (see coverage.json)")
-        if self.blocks:
-            calibrated = [c for block in self.blocks for c in block.calibrated]
-            lines.append(
-                f"{len(calibrated)} experts in {len(self.blocks)} blocks; calibrated "
-                f"tokens per expert: min {min(calibrated)}, max {max(calibrated)}"
-            )
+        lines.append(_summary(calibration))
+        settings = [
+            f"mode {', '.join(sorted({b.mode for b in blocks}))}",
+            f"floor {_span(b.floor for b in blocks)}",
+            f"min_tokens {self.min_tokens}",
+        ]
+        if self.rtn_fallback:
+            settings.append(f"{len(self.rtn_fallback)} expert(s) RTN fallback")
+        lines.append("; ".join(settings))
+        current = pass_index % len(self.passes)
+        for index, other in enumerate(self.passes):
+            if index != current and other.blocks:
+                lines.append(
+                    f"{self.describe_pass(index)}: " + _summary(other)
+                )
         return "\n".join(lines)
 
-    def save_heatmap(self, path: str | Path) -> Path:
-        """Routed-token share per layer x expert, so router imbalance shows."""
+    # -- heatmap ------------------------------------------------------------------
+
+    def save_heatmap(self, path: str | Path, pass_index: int = -1) -> Path:
+        """Routed and calibrated tokens per MoE block (row) x expert (column) of
+        one pass, on one log colour scale, with starved and RTN-fallback experts
+        marked; a short note instead when no MoE block was calibrated."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        import numpy as np
 
         path = Path(path)
-        width = max((block.num_experts for block in self.blocks), default=1)
-        shares = np.full((max(len(self.blocks), 1), width), np.nan)
-        for row, block in enumerate(self.blocks):
-            total = sum(block.routed) or 1
-            shares[row, : block.num_experts] = [r / total for r in block.routed]
-        fig, ax = plt.subplots(
-            figsize=(min(2 + 0.35 * width, 24), 1.5 + 0.4 * len(self.blocks))
-        )
-        image = ax.imshow(shares, aspect="auto", cmap="viridis")
-        ax.set_xlabel("expert")
-        ax.set_ylabel("MoE block")
-        ax.set_yticks(range(len(self.blocks)), [b.name for b in self.blocks])
-        ax.set_title("Share of routed calibration tokens per expert")
-        fig.colorbar(image, ax=ax, label="routed share")
-        fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        calibration = self._pass(pass_index)
+        if calibration is None or not calibration.blocks:
+            fig = plt.figure(figsize=(6, 1.2))
+            fig.text(
+                0.5,
+                0.5,
+                "No MoE blocks were calibrated: nothing to show.\n"
+                "(A dense model, or MoE blocks without a calibration module.)",
+                ha="center",
+                va="center",
+                fontsize=10,
+            )
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            return path
+        _draw_heatmap(self, calibration, pass_index, path)
         return path
 
 
 class UndercalibratedExpertsError(RuntimeError):
     """Experts got fewer calibration tokens than required."""
 
-    def __init__(self, experts: list[str], min_tokens: int):
+    DEFAULT_HINT = (
+        "calibrate with mode 'all' (or 'min_tokens:K'), use more calibration "
+        "samples, or set rtn_fallback=True to quantize these experts "
+        "round-to-nearest from their weights alone"
+    )
+
+    def __init__(self, experts: list[str], min_tokens: int, hint: str | None = None):
         self.experts = experts
+        self.min_tokens = min_tokens
         shown = ", ".join(experts[:10]) + (
             f" and {len(experts) - 10} more" if len(experts) > 10 else ""
         )
         super().__init__(
             f"{len(experts)} expert(s) got fewer than {min_tokens} calibration "
             f"token(s): {shown}. Quantizing them would zero them (GPTQ with an empty "
-            "Hessian) or leave them without statistics. Fix: calibrate with "
-            "mode 'all' (or 'min_tokens:K'), use more calibration samples, or set "
-            "rtn_fallback=True to quantize these experts round-to-nearest from their "
-            "weights alone."
+            f"Hessian) or leave them without statistics. Fix: {_fix(hint)}"
         )
 
 
-def build_coverage_report(named_modules: list[tuple[str, Any]]) -> CoverageReport:
-    blocks = []
-    for name, module in named_modules:
-        routed = module.routed_token_counts
-        calibrated = module.calibrated_token_counts
-        num_experts = _num_experts(module)
-        blocks.append(
-            BlockCoverage(
-                name=name,
-                block_class=type(module).__name__,
-                mode=module.calibration_mode.spec(),
-                routed=routed.tolist() if routed is not None else [0] * num_experts,
-                calibrated=(
-                    calibrated.tolist() if calibrated is not None else [0] * num_experts
-                ),
+def _fix(hint: str | None) -> str:
+    text = (hint or UndercalibratedExpertsError.DEFAULT_HINT).strip()
+    text = text.removeprefix("Fix:").strip()
+    return text if text.endswith(".") else text + "."
+
+
+def _block_from_v1(block: dict[str, Any]) -> BlockCoverage:
+    # schema 1 named the calibration module "block_class"
+    module = block["block_class"]
+    return BlockCoverage(
+        name=block["name"],
+        block_class=module.removeprefix("Calibration") or module,
+        calibration_module=module,
+        mode=block["mode"],
+        routed=list(block["routed"]),
+        calibrated=list(block["calibrated"]),
+    )
+
+
+def _span(values: Iterable[int]) -> str:
+    values = list(values)
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}..{high}"
+
+
+def _summary(calibration: CalibrationPass) -> str:
+    calibrated = [c for b in calibration.blocks for c in b.calibrated]
+    routed = [r for b in calibration.blocks for r in b.routed]
+    return (
+        f"{len(calibrated)} experts in {len(calibration.blocks)} blocks; tokens "
+        f"per expert: calibrated min {min(calibrated)}, max {max(calibrated)}; "
+        f"routed min {min(routed)}, max {max(routed)}"
+    )
+
+
+# -- drawing --------------------------------------------------------------------
+
+
+def _short_labels(names: list[str]) -> tuple[list[str], str]:
+    """Row labels without the parts every name shares, and the axis label:
+    ``model.layers.{1,2}.mlp`` -> ``["1", "2"]``, ``"model.layers.*.mlp"``."""
+    parts = [name.split(".") for name in names]
+    if len(names) < 2 or len({len(p) for p in parts}) != 1:
+        return names, "MoE block"
+    varying = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
+    if len(varying) != 1:
+        return names, "MoE block"
+    index = varying[0]
+    pattern = ".".join("*" if i == index else part for i, part in enumerate(parts[0]))
+    return [p[index] for p in parts], pattern
+
+
+def _tick_step(count: int, room: int) -> int:
+    """1, 2, 5, 10, ... so that at most ``room`` ticks show."""
+    if count <= room:
+        return 1
+    raw = count / room
+    magnitude = 10 ** math.floor(math.log10(raw))
+    for factor in (1, 2, 5, 10):
+        if factor * magnitude >= raw:
+            return int(factor * magnitude)
+    return int(10 * magnitude)
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _draw_heatmap(
+    report: CoverageReport, calibration: CalibrationPass, pass_index: int, path: Path
+) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LogNorm
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    blocks = sorted(calibration.blocks, key=lambda b: _natural_key(b.name))
+    rows, width = len(blocks), max(b.num_experts for b in blocks)
+    routed = np.full((rows, width), np.nan)
+    calibrated = np.full((rows, width), np.nan)
+    for row, block in enumerate(blocks):
+        routed[row, : block.num_experts] = block.routed
+        calibrated[row, : block.num_experts] = block.calibrated
+    top = max(np.nanmax(calibrated), np.nanmax(routed), 1.0)
+
+    # Size from the shape: cells stay visible at 46 x 128, labels never collide at
+    # 2 x 16, and the figure stays within what a screen shows.
+    panel_width = min(max(width * 0.12, 6.0), 15.0)
+    panel_height = min(max(rows * 0.14, 1.0), 7.0)
+    fig, axes = plt.subplots(
+        2,
+        1,
+        figsize=(panel_width + 2.2, 2 * panel_height + 2.4),
+        sharex=True,
+        layout="constrained",
+    )
+    # grey: no tokens (a log scale cannot show 0), or no such expert
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")
+    norm = LogNorm(vmin=1, vmax=max(top, 10))
+
+    labels, axis_label = _short_labels([b.name for b in blocks])
+    y_step = _tick_step(rows, max(int(panel_height * 5), 2))
+    x_step = _tick_step(width, max(int(panel_width * 3), 4))
+    floors = np.array([[b.floor] for b in blocks])
+    below_floor = calibrated < floors
+    starved = calibrated < report.min_tokens
+    rtn = np.zeros_like(starved)
+    for row, block in enumerate(blocks):
+        for expert in range(block.num_experts):
+            if f"{block.name}.experts.{expert}" in report.rtn_fallback:
+                rtn[row, expert] = True
+    starved &= ~rtn
+    below_floor &= ~(rtn | starved)
+    cell_points = min(panel_width * 72 / width, panel_height * 72 / rows)
+    marker_size = max(min(cell_points * 0.85, 14.0), 3.0) ** 2
+
+    image = None
+    panels = (
+        (axes[0], routed, "routed: tokens the router sent each expert"),
+        (axes[1], calibrated, "calibrated: tokens each expert's Linears saw"),
+    )
+    for ax, counts, title in panels:
+        masked = np.ma.masked_where(~(counts > 0), counts)
+        image = ax.imshow(
+            masked, aspect="auto", cmap=cmap, norm=norm, interpolation="nearest"
+        )
+        ax.set_title(title, fontsize=10, loc="left")
+        ax.set_ylabel(axis_label)
+        ticks = list(range(0, rows, y_step))
+        ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    axes[1].set_xticks(list(range(0, width, x_step)))
+    axes[1].set_xlabel("expert")
+    # marks on the calibrated panel: what quantization will do with each expert
+    for mask, marker, colour in (
+        (rtn, "x", "#e41a1c"),
+        (starved, "X", "#e41a1c"),
+        (below_floor, "o", "#ff7f00"),
+    ):
+        y, x = np.nonzero(mask)
+        if len(x):
+            style = (
+                {"facecolors": "none", "edgecolors": colour}
+                if marker == "o"
+                else {"c": colour}
+            )
+            axes[1].scatter(
+                x, y, s=marker_size, marker=marker, linewidths=1.2, **style
+            )
+
+    colourbar = fig.colorbar(
+        image, ax=axes, label="tokens (log scale)", shrink=0.9, aspect=40
+    )
+    floor_values = sorted({b.floor for b in blocks if b.floor > 0})
+    # the floor(s) and min_tokens as lines on the colour scale
+    marks = [v for v in [*floor_values, report.min_tokens] if 1 <= v <= norm.vmax]
+    if marks:
+        colourbar.add_lines(marks, colors=["#ff7f00"] * len(marks), linewidths=2)
+
+    legend = [
+        Patch(facecolor="#d9d9d9", label="0 tokens"),
+        Line2D(
+            [],
+            [],
+            marker="x",
+            color="#e41a1c",
+            linestyle="none",
+            label=f"RTN fallback ({int(rtn.sum())})",
+        ),
+        Line2D(
+            [],
+            [],
+            marker="X",
+            color="#e41a1c",
+            linestyle="none",
+            label=f"< min_tokens {report.min_tokens} ({int(starved.sum())})",
+        ),
+    ]
+    if floor_values:
+        legend.append(
+            Line2D(
+                [],
+                [],
+                marker="o",
+                markerfacecolor="none",
+                color="#ff7f00",
+                linestyle="none",
+                label=f"< floor ({int(below_floor.sum())})",
             )
         )
-    return CoverageReport(blocks=blocks)
-
-
-def _num_experts(module: Any) -> int:
-    return int(getattr(module, "num_experts", 0))
+    fig.legend(
+        handles=legend,
+        loc="outside lower left",
+        ncol=len(legend),
+        fontsize=8,
+        frameon=False,
+    )
+    modes = ", ".join(sorted({b.mode for b in blocks}))
+    classes = ", ".join(sorted({b.block_class for b in blocks}))
+    fig.suptitle(
+        f"Tokens per expert, {report.describe_pass(pass_index)}\n"
+        f"{rows} {classes} block(s) x {width} experts; mode {modes}; "
+        f"floor {_span(b.floor for b in blocks)}; min_tokens {report.min_tokens}",
+        fontsize=10,
+    )
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

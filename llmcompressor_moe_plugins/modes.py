@@ -8,12 +8,15 @@ routed outputs and the calibration statistics.
 Spelled in recipes, Python and on the CLI as ``"routed"``, ``"all"``,
 ``"top_k:N"`` / ``{"top_k": N}``, ``"min_tokens:K"`` / ``{"min_tokens": K}`` or
 ``"affinity"`` / ``"affinity:S"`` / ``{"affinity": S}``.
+
+A mode object is stateless and may be shared by many blocks; the state it needs
+(tokens calibrated so far, a random generator) belongs to each block's dispatcher.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +29,7 @@ __all__ = [
     "MinTokensMode",
     "AffinitySampledMode",
     "parse_mode",
+    "apply_floor",
     "MODE_NAMES",
 ]
 
@@ -43,12 +47,14 @@ class CalibrationMode(ABC):
         routed: torch.Tensor,
         affinity: torch.Tensor | None,
         calibrated_so_far: torch.Tensor,
+        generator: torch.Generator,
     ) -> torch.Tensor:
         """
         :param routed: bool [tokens, experts], True where the router sent the token
         :param affinity: float [tokens, experts], higher = more preferred by the router
         :param calibrated_so_far: long [experts], tokens each expert was calibrated
-            on in earlier forwards of this calibration run
+            on in earlier forwards of this calibration pass
+        :param generator: the block's own seeded CPU generator
         :return: bool [tokens, experts], a superset of ``routed``
         """
 
@@ -61,7 +67,7 @@ class RoutedMode(CalibrationMode):
 
     name = "routed"
 
-    def select(self, routed, affinity, calibrated_so_far):
+    def select(self, routed, affinity, calibrated_so_far, generator):
         return routed
 
 
@@ -70,7 +76,7 @@ class AllExpertsMode(CalibrationMode):
 
     name = "all"
 
-    def select(self, routed, affinity, calibrated_so_far):
+    def select(self, routed, affinity, calibrated_so_far, generator):
         return torch.ones_like(routed)
 
 
@@ -82,7 +88,7 @@ class WidenedTopKMode(CalibrationMode):
     name: ClassVar[str] = "top_k"
     needs_affinity: ClassVar[bool] = True
 
-    def select(self, routed, affinity, calibrated_so_far):
+    def select(self, routed, affinity, calibrated_so_far, generator):
         k = min(self.top_k, routed.shape[1])
         widened = torch.zeros_like(routed)
         widened.scatter_(1, affinity.topk(k, dim=1).indices, True)
@@ -102,17 +108,8 @@ class MinTokensMode(CalibrationMode):
     name: ClassVar[str] = "min_tokens"
     needs_affinity: ClassVar[bool] = True
 
-    def select(self, routed, affinity, calibrated_so_far):
-        selected = routed.clone()
-        have = calibrated_so_far.to(routed.device) + routed.sum(dim=0)
-        missing = (self.min_tokens - have).clamp(min=0)
-        for expert in torch.nonzero(missing).flatten().tolist():
-            candidates = affinity[:, expert].masked_fill(routed[:, expert], -torch.inf)
-            available = int((~routed[:, expert]).sum())
-            take = min(int(missing[expert]), available)
-            if take > 0:
-                selected[candidates.topk(take).indices, expert] = True
-        return selected
+    def select(self, routed, affinity, calibrated_so_far, generator):
+        return apply_floor(routed, affinity, calibrated_so_far, self.min_tokens)
 
     def spec(self) -> str:
         return f"min_tokens:{self.min_tokens}"
@@ -135,16 +132,13 @@ class AffinitySampledMode(CalibrationMode):
     while staying a plain token choice: it works unchanged for GPTQ Hessians, AWQ
     means and range observers, costs a fraction of ``all``, and cannot change
     outputs. Near-miss tokens (close to being routed here) are likely picked, far
-    ones rarely. A seeded generator makes runs reproducible.
+    ones rarely. Each block draws from its own generator, seeded from the recipe's
+    seed and the block's name, so a block's choice does not depend on the others.
     """
 
     strength: float = DEFAULT_AFFINITY_STRENGTH
-    seed: int = 0
     name: ClassVar[str] = "affinity"
     needs_affinity: ClassVar[bool] = True
-    _generator: torch.Generator = field(
-        default=None, compare=False, repr=False, init=False
-    )
 
     def __post_init__(self):
         if not 0 < self.strength <= 1:
@@ -153,8 +147,6 @@ class AffinitySampledMode(CalibrationMode):
                 "in (0, 1] (e.g. 'affinity:0.25'); 1 samples near-miss tokens "
                 "almost surely, small values approach 'routed'."
             )
-        generator = torch.Generator().manual_seed(self.seed)
-        object.__setattr__(self, "_generator", generator)
 
     def inclusion_probability(
         self, routed: torch.Tensor, affinity: torch.Tensor
@@ -166,13 +158,48 @@ class AffinitySampledMode(CalibrationMode):
         ratio = (affinity / threshold[:, None]).clamp(max=1)
         return torch.where(routed, 1.0, self.strength * ratio)
 
-    def select(self, routed, affinity, calibrated_so_far):
+    def select(self, routed, affinity, calibrated_so_far, generator):
         probability = self.inclusion_probability(routed, affinity)
-        draws = torch.rand(probability.shape, generator=self._generator)
+        draws = torch.rand(probability.shape, generator=generator)
         return routed | (draws.to(probability.device) < probability)
 
     def spec(self) -> str:
         return f"affinity:{self.strength:g}"
+
+
+def apply_floor(
+    selected: torch.Tensor,
+    affinity: torch.Tensor | None,
+    calibrated_so_far: torch.Tensor,
+    floor: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``selected`` topped up so every expert reaches ``floor`` tokens over the
+    pass (counting earlier forwards), with its highest-affinity unselected tokens;
+    where there is no affinity, with unselected tokens drawn uniformly from
+    ``generator``. An expert whose forward has fewer candidates takes them all.
+
+    :return: bool [tokens, experts], a superset of ``selected``
+    """
+    have = calibrated_so_far.to(selected.device) + selected.sum(dim=0)
+    missing = (floor - have).clamp(min=0)
+    starved = torch.nonzero(missing).flatten().tolist()
+    if not starved:
+        return selected
+    selected = selected.clone()
+    for expert in starved:
+        if affinity is not None:
+            ranking = affinity[:, expert].float()
+        else:
+            ranking = torch.rand(selected.shape[0], generator=generator).to(
+                selected.device
+            )
+        candidates = ranking.masked_fill(selected[:, expert], -torch.inf)
+        available = int((~selected[:, expert]).sum())
+        take = min(int(missing[expert]), available)
+        if take > 0:
+            selected[candidates.topk(take).indices, expert] = True
+    return selected
 
 
 MODE_NAMES = ("routed", "all", "top_k:N", "min_tokens:K", "affinity[:S]")

@@ -1,15 +1,27 @@
 """``MoECalibrationModifier``: the recipe hook that swaps calibration modules in.
 
-List it first in a recipe, before ``GPTQModifier``/``AWQModifier``/...:
-``on_initialize`` swaps every registered MoE block for its calibration module,
-``on_finalize`` restores the originals and checks coverage. It needs no data, so
-llmcompressor gives it the data-free pipeline: it adds no calibration pass.
+List it first in a recipe, before ``GPTQModifier``/``AWQModifier``/... Lifecycle:
+
+1. ``on_initialize``: swap every MoE block for its calibration module (registered
+   or generic, see ``context.py``) and listen to the calibration lifecycle.
+2. Each calibration pass (one per quantization modifier in oneshot's independent
+   pipeline) counts tokens per expert afresh.
+3. When a layer's calibration forwards end, before GPTQ/AWQ compress it, its
+   blocks' coverage is checked: an expert below ``min_tokens`` stops the run in
+   that layer, naming the experts and the fixes (or is left for the RTN fallback).
+4. ``on_finalize``: restore the original blocks, quantize starved experts
+   round-to-nearest if asked, keep the coverage report.
+5. A failed run (any exception in oneshot) restores the original blocks too.
+
+It needs no data, so llmcompressor gives it the data-free pipeline: it adds no
+calibration pass.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from llmcompressor.core import State
 from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
 from llmcompressor.modifiers import Modifier
@@ -17,19 +29,21 @@ from llmcompressor.modifiers.factory import ModifierFactory
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 
+from . import upstream
 from .base import AUTO_CHUNK
 from .context import SwappedBlocks, swap_in_calibration_modules
-from .coverage import CoverageReport, UndercalibratedExpertsError
+from .coverage import CalibrationPass, CoverageReport, UndercalibratedExpertsError
 from .modes import parse_mode
 from .rtn import quantize_round_to_nearest
+from .seeding import restore_global_rng, seed_calibration_order
 
-__all__ = ["MoECalibrationModifier", "last_coverage_report"]
+__all__ = ["MoECalibrationModifier", "last_coverage_report", "DEFAULT_MODE"]
 
 _last_report: CoverageReport | None = None
 
 
 def last_coverage_report() -> CoverageReport | None:
-    """Coverage of the most recent run that finished (e.g. after ``oneshot``)."""
+    """Coverage of the most recent run (e.g. after ``oneshot``)."""
     return _last_report
 
 
@@ -37,39 +51,55 @@ ModeSpec = str | dict[str, int | float]
 
 # Chosen from benchmarks/quality.py (see benchmarks/RESULTS.md): lowest mean
 # perplexity increase over all calibration budgets, never clearly worse than the
-# better of routed and all, at a fraction of all's cost. It does not meet every
-# criterion of issue 5 (cost <= 1.2x routed at every budget); RESULTS.md says where.
+# better of routed and all, at a fraction of all's cost.
 DEFAULT_MODE = "affinity:0.1"
+# Tokens every expert is calibrated on at least under the default mode (or all
+# the calibration set has): sampling alone gave experts that a skewed router
+# never picks almost no tokens (benchmarks/RESULTS.md, "floor").
+DEFAULT_FLOOR = 64
 
 
 class MoECalibrationModifier(Modifier):
     """
     :param calibrate_all_experts: shorthand for ``mode: all`` / ``mode: routed``;
         unset, ``oneshot(moe_calibrate_all_experts=False)`` means routed and
-        otherwise the default mode, ``affinity:0.1``, applies
+        otherwise the default mode, ``affinity:0.1`` with a floor, applies
     :param mode: calibration mode for every block: ``routed``, ``all``,
         ``top_k:N``, ``min_tokens:K`` or ``affinity[:S]``; overrides
         ``calibrate_all_experts``
     :param block_modes: per MoE block class name, a mode overriding ``mode``
+    :param floor: every expert is calibrated on at least this many tokens per
+        pass (or all there are), topped up with its highest-affinity candidates;
+        unset: 64 under the default mode, 0 when a mode is chosen
     :param chunk_size: tokens per extra (statistics-only) expert call, or ``auto``
-    :param min_tokens: experts calibrated on fewer tokens fail the run ...
-    :param rtn_fallback: ... unless this is set: then they are quantized
-        round-to-nearest from their weights alone, and the report says so
+    :param seed: seeds each block's sampling (with the block's name and rank) and
+        the calibration data's shuffling, so runs are reproducible
+    :param min_tokens: an expert calibrated on fewer tokens stops the run at the
+        end of its layer's calibration, before it is compressed ...; unset: the
+        floor, or 1 without one
+    :param rtn_fallback: ... unless this is set: then it is quantized
+        round-to-nearest from its weights alone, and the report says so
     """
 
     calibrate_all_experts: bool | None = None
     mode: ModeSpec | None = None
     block_modes: dict[str, ModeSpec] = Field(default_factory=dict)
+    floor: int | None = Field(default=None, ge=0)
     chunk_size: int | Literal["auto"] = AUTO_CHUNK
-    min_tokens: int = Field(default=1, ge=0)
+    seed: int = 0
+    min_tokens: int | None = Field(default=None, ge=0)
     rtn_fallback: bool = False
 
     _swapped: SwappedBlocks | None = PrivateAttr(default=None)
+    _passes: list[CalibrationPass] = PrivateAttr(default_factory=list)
+    _pass_label: str = PrivateAttr(default="calibration")
+    _checked: set[int] = PrivateAttr(default_factory=set)
     _coverage_report: CoverageReport | None = PrivateAttr(default=None)
+    _rng_state: torch.Tensor | None = PrivateAttr(default=None)
 
     @property
     def coverage_report(self) -> CoverageReport | None:
-        """Per-expert token counts of this run (set on finalize)."""
+        """Per-expert token counts of this run (set on finalize or failure)."""
         return self._coverage_report
 
     @field_validator("mode")
@@ -96,10 +126,8 @@ class MoECalibrationModifier(Modifier):
             raise ValueError("chunk_size must be at least 1 (or 'auto')")
         return value
 
-    def resolved_calibrate_all_experts(self) -> bool:
-        if self.calibrate_all_experts is not None:
-            return self.calibrate_all_experts
-        return get_calibrate_all_experts_flag()
+    def _mode_is_default(self) -> bool:
+        return self.mode is None and self.calibrate_all_experts is None
 
     def resolved_mode(self) -> ModeSpec:
         """``mode`` if set, else ``calibrate_all_experts`` (all / routed), else
@@ -111,39 +139,141 @@ class MoECalibrationModifier(Modifier):
             return "all" if self.calibrate_all_experts else "routed"
         return DEFAULT_MODE if get_calibrate_all_experts_flag() else "routed"
 
+    def resolved_floor(self) -> int:
+        if self.floor is not None:
+            return self.floor
+        return DEFAULT_FLOOR if self.resolved_mode() == DEFAULT_MODE else 0
+
+    def resolved_min_tokens(self) -> int:
+        if self.min_tokens is not None:
+            return self.min_tokens
+        return self.resolved_floor() or 1
+
+    # -- lifecycle ----------------------------------------------------------------
+
     def on_initialize(self, state: State, **kwargs) -> bool:
+        self._passes, self._checked = [], set()
+        # the calibration data's order decides which tokens share a forward
+        self._rng_state = seed_calibration_order(
+            self.seed, getattr(state.data, "calib", None)
+        )
         self._swapped = swap_in_calibration_modules(
             state.model,
             mode=self.resolved_mode(),
             block_modes=self.block_modes,
+            floor=self.resolved_floor(),
             chunk_size=self.chunk_size,
+            seed=self.seed,
+            mode_is_default=self._mode_is_default(),
         )
+        upstream.add_listener(self)
         return True
 
-    def on_finalize(self, state: State, **kwargs) -> bool:
+    def on_pass_start(self, modifier_names: list[str]) -> None:
+        self._close_pass()
+        others = [n for n in modifier_names if n != type(self).__name__]
+        self._pass_label = ", ".join(others) or "calibration"
+
+    def on_layer_calibrated(self, modules: list[torch.nn.Module]) -> None:
+        """Before the quantization modifiers compress this layer."""
+        if self._swapped is None:
+            return
+        in_layer = {id(module) for module in modules}
+        blocks = [
+            block
+            for block in self._swapped.blocks
+            if id(block.replacement) in in_layer and id(block) not in self._checked
+        ]
+        self._check(blocks)
+
+    def on_pass_end(self) -> None:
+        # pipelines without per-layer epochs end here, before compressing
+        if self._swapped is not None:
+            self._check([b for b in self._swapped.blocks if id(b) not in self._checked])
+
+    def on_run_failed(self) -> None:
+        upstream.remove_listener(self)
+        restore_global_rng(self._rng_state)
+        if self._swapped is not None:
+            swapped, self._swapped = self._swapped, None
+            self._keep_report(swapped)
+            swapped.restore()
+            logger.info("Restored the original MoE blocks after the failed run")
+
+    def _check(self, blocks: list) -> None:
+        # blocks that ran no calibrating forward (our own data-free pass, a layer
+        # of another subgraph) have nothing to check yet
+        calibrated = [block for block in blocks if any(block.coverage().routed)]
+        if not calibrated:
+            return
+        self._checked.update(id(block) for block in calibrated)
+        min_tokens = self.resolved_min_tokens()
+        starved = [
+            f"{block.name}.experts.{expert}"
+            for block in calibrated
+            for expert, count in enumerate(block.coverage().calibrated)
+            if count < min_tokens
+        ]
+        if starved and not self.rtn_fallback:
+            raise UndercalibratedExpertsError(
+                starved, min_tokens, hint=self._starved_hint()
+            )
+
+    def _starved_hint(self) -> str:
+        floor = self.resolved_floor()
+        if floor:
+            return (
+                f"Every expert was topped up to the floor of {floor} tokens, so "
+                "this layer saw fewer calibration tokens than that in all: use more "
+                "calibration samples or a lower floor."
+            )
+        return (
+            "Fix: use the default mode (it keeps a floor of tokens per expert), "
+            "set floor: K or mode 'all', use more calibration samples, or set "
+            "rtn_fallback: true to quantize these experts round-to-nearest."
+        )
+
+    def _close_pass(self, swapped: SwappedBlocks | None = None) -> None:
+        swapped = swapped or self._swapped
+        if swapped is None:
+            return
+        current = swapped.coverage_pass(self._pass_label)
+        if any(any(block.routed) for block in current.blocks):
+            self._passes.append(current)
+        swapped.reset_counts()
+        self._checked.clear()
+
+    def _keep_report(self, swapped: SwappedBlocks) -> CoverageReport:
         global _last_report
+        self._close_pass(swapped)
+        report = CoverageReport(
+            passes=list(self._passes), min_tokens=self.resolved_min_tokens()
+        )
+        _last_report = self._coverage_report = report
+        return report
+
+    def on_finalize(self, state: State, **kwargs) -> bool:
+        upstream.remove_listener(self)
+        restore_global_rng(self._rng_state)
         if self._swapped is None:
             return True
         swapped, self._swapped = self._swapped, None
+        report = self._keep_report(swapped)
         swapped.restore()
-
-        report = swapped.coverage()
-        report.min_tokens = self.min_tokens
-        starved = report.undercalibrated()
-        if starved and not self.rtn_fallback:
-            _last_report = self._coverage_report = report
-            raise UndercalibratedExpertsError(starved, self.min_tokens)
-        if starved:
-            modules = dict(state.model.named_modules())
-            quantize_round_to_nearest([modules[name] for name in starved])
-            report.rtn_fallback = starved
-            logger.warning(
-                f"{len(starved)} expert(s) had fewer than {self.min_tokens} "
-                "calibration token(s) and were quantized round-to-nearest from "
-                f"their weights: {', '.join(starved[:10])}"
-            )
-        _last_report = self._coverage_report = report
+        if report.passes:
+            starved = report.undercalibrated()
+            if starved and self.rtn_fallback:
+                modules = dict(state.model.named_modules())
+                quantize_round_to_nearest([modules[name] for name in starved])
+                report.rtn_fallback = starved
+                logger.warning(
+                    f"{len(starved)} expert(s) had fewer than {report.min_tokens} "
+                    "calibration token(s) and were quantized round-to-nearest from "
+                    f"their weights: {', '.join(starved[:10])}"
+                )
         return True
 
 
 ModifierFactory.register("MoECalibrationModifier", MoECalibrationModifier)
+# before any oneshot runs: a run already under way calls the unwrapped functions
+upstream.install()

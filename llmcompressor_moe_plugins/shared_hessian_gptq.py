@@ -42,7 +42,7 @@ from loguru import logger
 from pydantic import Field, PrivateAttr
 
 from .base import MoECalibrationModule
-from .batched_experts import global_hooks_attached
+from .upstream import global_hooks_attached
 
 __all__ = ["SharedHessianGPTQModifier"]
 
@@ -104,7 +104,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
                 self._member_of[member] = block
             self.register_hook(block, self._accumulate_block_input, "forward")
             if self.batched_expert_statistics:
-                block.expert_input_consumer = self
+                block.dispatcher.consumer = self
         shared = sum(len(m) for m in self._shared_members.values())
         if not shared:
             logger.warning(
@@ -275,7 +275,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
                 f"{len(self._shared_hessians)} MoE block(s)"
             )
         for block in self._shared_members:
-            block.expert_input_consumer = None
+            block.dispatcher.consumer = None
         self._shared_members.clear()
         self._member_of.clear()
         return super().on_finalize(state, **kwargs)

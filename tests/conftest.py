@@ -1,7 +1,10 @@
+import sys
+
 import pytest
 import torch
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 
+from llmcompressor_moe_plugins.registry import ALLOWLIST_ENV, reload_plugins
 from llmcompressor_moe_plugins.tiny import (
     build_tiny_glm4_moe,
     build_tiny_textbook_moe,
@@ -75,3 +78,15 @@ def record_linear_inputs():
     yield start
     for recorder in recorders:
         recorder.remove()
+
+
+@pytest.fixture
+def plugin_path(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv(ALLOWLIST_ENV, raising=False)
+    reload_plugins()
+    yield tmp_path
+    for name in list(sys.modules):
+        if name.startswith("fake_plugin"):
+            del sys.modules[name]
+    reload_plugins()

@@ -93,8 +93,9 @@ def test_bad_block_mode_fails_before_any_swap(textbook):
     assert isinstance(textbook.model.layers[0].mlp, MoeLayer)
 
 
-def test_fused_glm4_is_linearized_with_upstreams_function(glm4_dir):
+def test_fused_glm4_is_linearized_and_packed_back(glm4_dir):
     model = AutoModelForCausalLM.from_pretrained(glm4_dir).eval()
+    fused = model.model.layers[1].mlp.experts
     x = torch.randint(0, 500, (1, 10))
     with torch.no_grad():
         expected = model(x).logits
@@ -102,8 +103,12 @@ def test_fused_glm4_is_linearized_with_upstreams_function(glm4_dir):
             assert len(swapped) == 2
             experts = model.model.layers[1].mlp.experts
             assert type(experts).__name__ == "LinearExperts2D"
-        torch.testing.assert_close(model(x).logits, expected, rtol=1e-5, atol=1e-5)
+        # the context leaves the model as it came: fused experts, same outputs
+        assert torch.equal(model(x).logits, expected)
     assert type(model.model.layers[1].mlp).__name__ == "Glm4MoeMoE"
+    experts = model.model.layers[1].mlp.experts
+    assert type(experts) is type(fused)
+    assert torch.equal(experts.gate_up_proj, fused.gate_up_proj)
 
 
 def test_model_without_registered_blocks_warns_with_class_names():

@@ -11,6 +11,10 @@ from llmcompressor_moe_plugins.modes import (
 )
 
 
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
 @pytest.mark.parametrize(
     "spec, expected",
     [
@@ -70,31 +74,33 @@ NO_HISTORY = torch.zeros(3, dtype=torch.long)
 
 
 def test_routed_and_all():
-    assert torch.equal(RoutedMode().select(ROUTED, None, NO_HISTORY), ROUTED)
-    assert AllExpertsMode().select(ROUTED, None, NO_HISTORY).all()
+    assert torch.equal(
+        RoutedMode().select(ROUTED, None, NO_HISTORY, generator()), ROUTED
+    )
+    assert AllExpertsMode().select(ROUTED, None, NO_HISTORY, generator()).all()
 
 
 def test_widened_top_k_adds_the_next_best_experts():
-    selected = WidenedTopKMode(3).select(ROUTED, AFFINITY, NO_HISTORY)
+    selected = WidenedTopKMode(3).select(ROUTED, AFFINITY, NO_HISTORY, generator())
     assert selected.all()  # top-3 of 3 experts is everything
-    selected = WidenedTopKMode(1).select(ROUTED, AFFINITY, NO_HISTORY)
+    selected = WidenedTopKMode(1).select(ROUTED, AFFINITY, NO_HISTORY, generator())
     assert torch.equal(selected, ROUTED)  # top-1 is already routed here
 
 
 def test_min_tokens_adds_exactly_the_top_affinity_unrouted_tokens():
-    selected = MinTokensMode(2).select(ROUTED, AFFINITY, NO_HISTORY)
+    selected = MinTokensMode(2).select(ROUTED, AFFINITY, NO_HISTORY, generator())
     # expert 2: tokens 3 (0.8) and 1 (0.5) are its two best
     assert torch.nonzero(selected[:, 2]).flatten().tolist() == [1, 3]
     # experts 0 and 1 already have >= 2 routed tokens: unchanged
     assert torch.equal(selected[:, :2], ROUTED[:, :2])
     # expert 1 with min 5 gets the one unrouted token (token 2)
-    selected = MinTokensMode(5).select(ROUTED, AFFINITY, NO_HISTORY)
+    selected = MinTokensMode(5).select(ROUTED, AFFINITY, NO_HISTORY, generator())
     assert selected[:, 1].all()
 
 
 def test_min_tokens_counts_earlier_forwards():
     history = torch.tensor([0, 0, 1])
-    selected = MinTokensMode(2).select(ROUTED, AFFINITY, history)
+    selected = MinTokensMode(2).select(ROUTED, AFFINITY, history, generator())
     assert torch.nonzero(selected[:, 2]).flatten().tolist() == [3]
 
 
@@ -119,12 +125,14 @@ def test_affinity_sampling_matches_the_probabilities_and_is_reproducible():
     routed = torch.zeros(20000, 3, dtype=torch.bool)
     routed[:, 0] = True
     affinity = torch.tensor([[0.8, 0.4, 0.08]]).expand(20000, 3)
-    first = AffinitySampledMode(0.5).select(routed, affinity, NO_HISTORY)
-    again = AffinitySampledMode(0.5).select(routed, affinity, NO_HISTORY)
+    first = AffinitySampledMode(0.5).select(routed, affinity, NO_HISTORY, generator())
+    again = AffinitySampledMode(0.5).select(routed, affinity, NO_HISTORY, generator())
     assert torch.equal(first, again)  # same seed, same tokens
     assert first[:, 0].all()  # superset of routed
     rates = first.float().mean(dim=0)
     assert rates[1].item() == pytest.approx(0.5 * 0.4 / 0.8, abs=0.015)
     assert rates[2].item() == pytest.approx(0.5 * 0.08 / 0.8, abs=0.01)
-    other_seed = AffinitySampledMode(0.5, seed=1).select(routed, affinity, NO_HISTORY)
+    other_seed = AffinitySampledMode(0.5).select(
+        routed, affinity, NO_HISTORY, generator(seed=1)
+    )
     assert not torch.equal(first, other_seed)

@@ -35,17 +35,14 @@ def test_bad_fields_fail_at_parse_time_naming_the_field(fields, message):
         MoECalibrationModifier(**fields)
 
 
-def test_default_follows_oneshots_flag():
-    modifier = MoECalibrationModifier()
-    assert modifier.resolved_calibrate_all_experts() is False
-    with upstream_flag():  # what oneshot(moe_calibrate_all_experts=True) enters
-        assert modifier.resolved_calibrate_all_experts() is True
-    assert (
-        MoECalibrationModifier(
-            calibrate_all_experts=False
-        ).resolved_calibrate_all_experts()
-        is False
-    )
+def test_floor_and_min_tokens_follow_the_mode():
+    with upstream_flag():  # oneshot's default, moe_calibrate_all_experts=True
+        default = MoECalibrationModifier()
+        assert (default.resolved_floor(), default.resolved_min_tokens()) == (64, 64)
+        chosen = MoECalibrationModifier(mode="routed")
+        assert (chosen.resolved_floor(), chosen.resolved_min_tokens()) == (0, 1)
+        both = MoECalibrationModifier(mode="top_k:4", floor=16, min_tokens=8)
+        assert (both.resolved_floor(), both.resolved_min_tokens()) == (16, 8)
 
 
 def test_affinity_strength_spelled_as_a_yaml_mapping():

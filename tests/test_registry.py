@@ -1,5 +1,4 @@
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -16,6 +15,8 @@ from llmcompressor_moe_plugins.registry import (
     unregister,
 )
 
+from .helpers import install_fake_distribution
+
 GROUP = registry.ENTRY_POINT_GROUP
 
 MODULE_SOURCE = """
@@ -30,31 +31,6 @@ class {cls}(MoECalibrationModule):
     def forward(self, x):
         return self.inner(x)
 """
-
-
-def install_fake_distribution(root, dist_name, entries, modules):
-    """A distribution on sys.path: dist-info with entry points, plus modules."""
-    info = root / f"{dist_name.replace('-', '_')}-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: {dist_name}\nVersion: 1.0\n"
-    )
-    lines = [f"[{GROUP}]"] + [f"{name} = {target}" for name, target in entries.items()]
-    (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    for module_name, source in modules.items():
-        (root / f"{module_name}.py").write_text(textwrap.dedent(source))
-
-
-@pytest.fixture
-def plugin_path(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delenv(ALLOWLIST_ENV, raising=False)
-    reload_plugins()
-    yield tmp_path
-    for name in list(sys.modules):
-        if name.startswith("fake_plugin"):
-            del sys.modules[name]
-    reload_plugins()
 
 
 @pytest.fixture

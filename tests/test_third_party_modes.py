@@ -7,10 +7,13 @@ from torch import nn
 
 from llmcompressor_moe_plugins import (
     MoECalibrationModule,
+    Routing,
     moe_calibration_context,
     register,
 )
 from llmcompressor_moe_plugins.registry import unregister
+
+from .helpers import install_fake_distribution
 
 HIDDEN, EXPERTS = 16, 5
 
@@ -46,25 +49,22 @@ class Top1Moe(nn.Module):
 
 
 class CalibrationTop1Moe(MoECalibrationModule):
-    def __init__(self, original, config, calibrate_all_experts=True, **kwargs):
-        super().__init__(original, config, calibrate_all_experts, **kwargs)
+    """All a third party writes: the children and the routing."""
+
+    dispatch_order = "token"  # Top1Moe loops over torch.where(choice == e)
+
+    def __init__(self, original, config, calibrate_all_experts=True):
+        super().__init__(original, config, calibrate_all_experts)
         self.router = original.router
         self.experts = original.experts
 
-    def forward(self, x):
+    def route(self, x):
         probs = self.router(x).softmax(dim=-1)
         weight, choice = probs.max(dim=-1)
-        routed = nn.functional.one_hot(choice, EXPERTS).bool()
-        calibrate = self.select_calibration_tokens(routed, lambda: probs)
-        extras = self.extra_token_indices(routed, calibrate)
-        busiest = int(routed.sum(dim=0).max())
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            idx = torch.where(choice == e)[0]
-            y = self.run_expert(expert, x, idx, extras[e], busiest)
-            if y is not None:
-                out[idx] = weight[idx, None] * y
-        return out
+        return Routing(choice[:, None], weight[:, None], lambda: probs)
+
+    def forward(self, x):
+        return self.dispatch(x, self.route(x))
 
 
 @pytest.fixture
@@ -87,9 +87,10 @@ def test_every_mode_reaches_a_third_party_module(model, mode, record_linear_inpu
         recorder = record_linear_inputs(block.experts)
         assert torch.equal(model(x), expected)
     seen = [recorder.rows[f"{e}.gate_proj"] for e in range(EXPERTS)]
-    assert seen == block.calibrated_token_counts.tolist()
-    assert (block.calibrated_token_counts >= block.routed_token_counts).all()
-    assert int(block.routed_token_counts.sum()) == 30
+    routed, calibrated = block.dispatcher.counts()
+    assert seen == calibrated
+    assert all(c >= r for c, r in zip(calibrated, routed, strict=True))
+    assert sum(routed) == 30
     assert all(0 not in calls for calls in recorder.calls.values())
     if mode == "all":
         assert seen == [30] * EXPERTS
@@ -97,3 +98,89 @@ def test_every_mode_reaches_a_third_party_module(model, mode, record_linear_inpu
     else:
         assert block.shared_input_linears() == []
     assert isinstance(model[0], Top1Moe)  # restored
+
+
+# Written exactly to upstream llmcompressor 0.10/0.11's contract: constructor
+# (original, config, calibrate_all_experts=True), super().__init__() with no
+# arguments, no knowledge of modes, its own expert loop. Only the import differs
+# (upstream: from llmcompressor.modeling.moe_context import MoECalibrationModule).
+UPSTREAM_STYLE_SOURCE = """
+import torch
+from llmcompressor_moe_plugins import MoECalibrationModule
+
+
+class CalibrationTop1Moe(MoECalibrationModule):
+    is_permanent = False
+
+    def __init__(self, original, config, calibrate_all_experts=True):
+        super().__init__()
+        self.router = original.router
+        self.experts = original.experts
+        self.calibrate_all_experts = calibrate_all_experts
+
+    def forward(self, x):
+        probs = self.router(x).softmax(dim=-1)
+        weight, choice = probs.max(dim=-1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            idx = torch.where(choice == e)[0]
+            if self.calibrate_all_experts:
+                y = expert(x)[idx]
+            elif idx.numel():
+                y = expert(x[idx])
+            else:
+                continue
+            out[idx] = weight[idx, None] * y
+        return out
+
+    def restore(self, original):
+        return original
+"""
+
+
+@pytest.fixture
+def upstream_style_plugin(plugin_path):
+    install_fake_distribution(
+        plugin_path,
+        "fake-upstream-style",
+        {"Top1Moe": "fake_plugin_upstream:CalibrationTop1Moe"},
+        {"fake_plugin_upstream": UPSTREAM_STYLE_SOURCE},
+    )
+    torch.manual_seed(0)
+    return nn.Sequential(Top1Moe())
+
+
+@pytest.mark.parametrize("mode", ["all", "routed"])
+def test_upstream_style_module_runs_through_entry_points(
+    upstream_style_plugin, mode, record_linear_inputs
+):
+    model = upstream_style_plugin
+    x = torch.randn(30, HIDDEN)
+    expected = model(x)
+    with moe_calibration_context(model, mode=mode) as swapped:
+        (block,) = [b.replacement for b in swapped.blocks]
+        assert type(block).__module__ == "fake_plugin_upstream"
+        assert block.calibrate_all_experts is (mode == "all")
+        recorder = record_linear_inputs(block.experts)
+        actual = model(x)
+        report = swapped.coverage()
+    if mode == "routed":
+        assert torch.equal(actual, expected)
+    else:  # its loop runs expert(x)[idx]: other batch shapes, other rounding of
+        # sums of HIDDEN + 24 + 1 float32 products
+        bound = 4 * (HIDDEN + 24 + 1) * torch.finfo(torch.float32).eps
+        torch.testing.assert_close(
+            actual, expected, rtol=0, atol=bound * float(expected.abs().max())
+        )
+    # coverage is what its expert Linears were called with
+    seen = [recorder.rows[f"{e}.gate_proj"] for e in range(EXPERTS)]
+    assert report.blocks[0].calibrated == seen
+    assert seen == ([30] * EXPERTS if mode == "all" else report.blocks[0].routed)
+    assert isinstance(model[0], Top1Moe)  # restored
+
+
+def test_upstream_style_module_refuses_modes_it_cannot_honour(upstream_style_plugin):
+    with pytest.raises(ValueError, match="CalibrationTop1Moe .*own expert loop"):
+        with moe_calibration_context(upstream_style_plugin, mode="top_k:2"):
+            pass
+    assert isinstance(upstream_style_plugin[0], Top1Moe)  # nothing left swapped

@@ -7,6 +7,8 @@ from llmcompressor_moe_plugins import moe_calibration_context
 from llmcompressor_moe_plugins.modules.glm4_moe import CalibrationGlm4MoeMoE
 from llmcompressor_moe_plugins.tiny import tiny_glm4_moe_config
 
+from ..helpers import calibration_module
+
 
 def make_model(dtype=torch.float32, **overrides):
     torch.manual_seed(0)
@@ -35,7 +37,7 @@ def test_output_equals_original_block(dtype, shape, mode):
     x = torch.randn(*shape, 128, dtype=dtype)
     with torch.no_grad():
         expected = block(x)
-        actual = CalibrationGlm4MoeMoE(block, block.config, mode=mode)(x)
+        actual = calibration_module(CalibrationGlm4MoeMoE, block, block.config, mode)(x)
     # routed outputs come from the same calls, in the original's order
     assert torch.equal(actual, expected)
 
@@ -60,34 +62,14 @@ def test_router_is_called_not_rederived(monkeypatch):
     assert calls == [3]
 
 
-def test_transformers4_router_tuple_is_understood():
-    block = linearized_block()
-    x = torch.randn(6, 128)
-    expected = block(x)
-    router = block.gate
-
-    class OldRouter(torch.nn.Module):  # transformers 4.x returned (indices, weights)
-        def __init__(self):
-            super().__init__()
-            self.inner = router
-            self.weight = router.weight
-            self.e_score_correction_bias = router.e_score_correction_bias
-
-        def forward(self, h):
-            _, weights, indices = self.inner(h)
-            return indices, weights
-
-    calibration = CalibrationGlm4MoeMoE(block, block.config)
-    calibration.gate = OldRouter()
-    assert torch.equal(calibration(x), expected)
-
-
 def test_group_limited_routing_is_respected(record_linear_inputs):
     # 4 groups, only 2 may be chosen per token: routed mode must follow that
     block = linearized_block()
     x = torch.randn(1, 128)
     _, _, indices = block.gate(x)
-    calibration = CalibrationGlm4MoeMoE(block, block.config, mode="routed")
+    calibration = calibration_module(
+        CalibrationGlm4MoeMoE, block, block.config, "routed"
+    )
     recorder = record_linear_inputs(calibration.experts)
     calibration(x)
     called = {
@@ -102,7 +84,7 @@ def test_group_limited_routing_is_respected(record_linear_inputs):
 
 def test_all_expert_token_counts(record_linear_inputs):
     block = linearized_block()
-    calibration = CalibrationGlm4MoeMoE(block, block.config, mode="all")
+    calibration = calibration_module(CalibrationGlm4MoeMoE, block, block.config, "all")
     recorder = record_linear_inputs(calibration)
     calibration(torch.randn(3, 10, 128))
     for name, rows in recorder.rows.items():
@@ -110,8 +92,8 @@ def test_all_expert_token_counts(record_linear_inputs):
             assert rows == 30, name
         else:  # shared experts see every token once, as in the original
             assert rows == 30 and len(recorder.calls[name]) == 1
-    assert calibration.calibrated_token_counts.tolist() == [30] * 16
-    assert calibration.routed_token_counts.sum() == 30 * 2
+    assert calibration.dispatcher.calibrated_counts.tolist() == [30] * 16
+    assert calibration.dispatcher.routed_counts.sum() == 30 * 2
 
 
 def test_unlinearized_experts_get_a_clear_error():

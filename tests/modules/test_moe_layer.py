@@ -6,6 +6,8 @@ from llmcompressor_moe_plugins import MoeLayer, moe_calibration_context
 from llmcompressor_moe_plugins.models.textbook_moe import TextbookExpert
 from llmcompressor_moe_plugins.modules.moe_layer import CalibrationMoeLayer
 
+from ..helpers import calibration_module
+
 HIDDEN, NUM_EXPERTS, TOP_K = 32, 6, 2
 
 
@@ -44,7 +46,7 @@ def test_output_equals_original(mode, dtype, shape):
     layer = make_layer(dtype)
     x = torch.randn(*shape, dtype=dtype)
     expected = layer(x)
-    calibration = CalibrationMoeLayer(layer, None, mode=mode)
+    calibration = calibration_module(CalibrationMoeLayer, layer, None, mode)
     # routed outputs come from the same expert calls as the original: bit-exact
     assert torch.equal(calibration(x), expected)
 
@@ -55,12 +57,14 @@ def test_all_experts_see_all_tokens_without_empty_calls(
 ):
     layer = make_layer()
     x = torch.randn(24, HIDDEN)
-    calibration = CalibrationMoeLayer(layer, None, mode="all", chunk_size=chunk_size)
+    calibration = calibration_module(
+        CalibrationMoeLayer, layer, None, "all", chunk_size=chunk_size
+    )
     recorder = record_linear_inputs(calibration.experts)
     calibration(x)
     assert all(rows == 24 for rows in recorder.rows.values()), recorder.rows
     assert all(0 not in calls for calls in recorder.calls.values())
-    assert calibration.calibrated_token_counts.tolist() == [24] * NUM_EXPERTS
+    assert calibration.dispatcher.calibrated_counts.tolist() == [24] * NUM_EXPERTS
     if chunk_size == 5:
         assert max(max(calls) for calls in recorder.calls.values()) <= 24
 
@@ -91,10 +95,14 @@ def test_chunking_changes_neither_outputs_nor_statistics(mode):
     layer = make_layer()
     x = torch.randn(40, HIDDEN)
     original = layer(x)
-    reference, out = gram_matrices(CalibrationMoeLayer(layer, None, mode=mode), x)
+    reference, out = gram_matrices(
+        calibration_module(CalibrationMoeLayer, layer, None, mode), x
+    )
     assert torch.equal(out, original)
     for chunk_size in (1, 7):
-        chunked = CalibrationMoeLayer(layer, None, mode=mode, chunk_size=chunk_size)
+        chunked = calibration_module(
+            CalibrationMoeLayer, layer, None, mode, chunk_size=chunk_size
+        )
         grams, out = gram_matrices(chunked, x)
         assert torch.equal(out, original)
         for gram, ref in zip(grams, reference, strict=True):
@@ -108,15 +116,15 @@ def test_routed_mode_counts_only_routed_tokens(record_linear_inputs):
     for expert in layer.gate(x).topk(TOP_K).indices.flatten().tolist():
         routed[expert] += 1
     assert (routed == 0).any()
-    calibration = CalibrationMoeLayer(layer, None, calibrate_all_experts=False)
+    calibration = calibration_module(CalibrationMoeLayer, layer, None, "routed")
     recorder = record_linear_inputs(calibration.experts)
     calibration(x)
     for expert in range(NUM_EXPERTS):
         calls = recorder.calls[f"{expert}.gate_proj"]
         assert sum(calls) == routed[expert]
         assert 0 not in calls  # starved experts are not called at all
-    assert torch.equal(calibration.routed_token_counts, routed)
-    assert torch.equal(calibration.calibrated_token_counts, routed)
+    assert torch.equal(calibration.dispatcher.routed_counts, routed)
+    assert torch.equal(calibration.dispatcher.calibrated_counts, routed)
 
 
 def test_propagation_forwards_are_routed_only_and_uncounted(record_linear_inputs):
@@ -124,7 +132,7 @@ def test_propagation_forwards_are_routed_only_and_uncounted(record_linear_inputs
 
     layer = make_layer()
     x = torch.randn(10, HIDDEN)
-    calibration = CalibrationMoeLayer(layer, None, mode="all")
+    calibration = calibration_module(CalibrationMoeLayer, layer, None, "all")
     calls = []
     for expert in calibration.experts:
         expert.gate_proj.register_forward_pre_hook(
@@ -133,7 +141,7 @@ def test_propagation_forwards_are_routed_only_and_uncounted(record_linear_inputs
     with HooksMixin.disable_hooks():
         out = calibration(x)
     assert sum(calls) == 10 * TOP_K
-    assert calibration.calibrated_token_counts is None
+    assert calibration.dispatcher.calibrated_counts is None
     assert torch.equal(out, layer(x))
 
 
@@ -187,12 +195,12 @@ def test_a_users_own_copy_of_the_book_layer_is_handled():
 def test_hooks_see_exactly_what_coverage_reports(mode, record_linear_inputs):
     layer = make_layer()
     x = torch.randn(32, HIDDEN)
-    calibration = CalibrationMoeLayer(layer, None, mode=mode)
+    calibration = calibration_module(CalibrationMoeLayer, layer, None, mode)
     recorder = record_linear_inputs(calibration.experts)
     calibration(x)
     seen = [recorder.rows.get(f"{e}.gate_proj", 0) for e in range(NUM_EXPERTS)]
-    assert seen == calibration.calibrated_token_counts.tolist()
+    assert seen == calibration.dispatcher.calibrated_counts.tolist()
     assert (
-        calibration.calibrated_token_counts >= calibration.routed_token_counts
+        calibration.dispatcher.calibrated_counts >= calibration.dispatcher.routed_counts
     ).all()
     assert all(0 not in calls for calls in recorder.calls.values())

@@ -1,0 +1,175 @@
+"""The one place that touches llmcompressor internals; an upstream release that
+changes them breaks this file only.
+
+Why each is needed:
+- Hook state (``HooksMixin._HOOKS_DISABLED``): llmcompressor disables its hooks
+  for the sequential pipeline's propagation pass and AWQ's searches. Forwards there
+  observe nothing, so extra expert calls would be wasted; no public flag says so.
+- Lifecycle listeners: in oneshot's default ``independent`` pipeline each modifier
+  gets the events of its own pass only, so our modifier never sees the quantization
+  modifier's ``SEQUENTIAL_EPOCH_END``. The per-layer coverage check must run there,
+  after the layer's calibration forwards and before GPTQ/AWQ compress it. We wrap
+  ``LifecycleCallbacks.calibration_start`` / ``sequential_epoch_end`` /
+  ``calibration_end`` (class attributes looked up at call time, so import order
+  does not matter) and call the listeners registered while a run is active.
+- Failure cleanup: oneshot calls no modifier hook when a run fails (``finalize``
+  only runs on success), which would leave calibration modules in the user's
+  model. ``Oneshot.apply_recipe_modifiers`` is wrapped so that a failure calls the
+  registered cleanups before it propagates.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from llmcompressor.core import LifecycleCallbacks, active_session
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+from loguru import logger
+from torch.nn.modules import module as module_hooks
+
+__all__ = [
+    "hooks_enabled",
+    "quiet_reference_call",
+    "is_llmcompressor_hook",
+    "global_hooks_attached",
+    "kept_enabled_hook_ids",
+    "LifecycleListener",
+    "add_listener",
+    "remove_listener",
+    "current_modifier_names",
+    "install",
+]
+
+
+# -- hook state ---------------------------------------------------------------
+
+
+def hooks_enabled() -> bool:
+    """True while llmcompressor's calibration hooks listen (calibrating forwards)."""
+    return not HooksMixin._HOOKS_DISABLED
+
+
+class quiet_reference_call:
+    """Disable llmcompressor's hooks for a reference call, restoring the previous
+    state on exit (``HooksMixin.disable_hooks()`` re-enables them even if they
+    were already off)."""
+
+    def __enter__(self):
+        self._was = HooksMixin._HOOKS_DISABLED
+        HooksMixin._HOOKS_DISABLED = True
+
+    def __exit__(self, *exc):
+        HooksMixin._HOOKS_DISABLED = self._was
+
+
+@functools.cache
+def _hooks_mixin_wrapper_code():
+    # HooksMixin wraps every hook in a closure of one code object
+    module, owner = torch.nn.Identity(), HooksMixin()
+    owner.register_hook(module, lambda *args: None, "forward")
+    code = next(iter(module._forward_hooks.values())).__code__
+    owner.remove_hooks()
+    return code
+
+
+def is_llmcompressor_hook(hook: Callable) -> bool:
+    return getattr(hook, "__code__", None) is _hooks_mixin_wrapper_code()
+
+
+def kept_enabled_hook_ids() -> set[int]:
+    return {handle.id for handle in HooksMixin._HOOKS_KEEP_ENABLED}
+
+
+def global_hooks_attached() -> bool:
+    """Module hooks registered for every module (they would see bypassed calls)."""
+    return bool(
+        module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks
+    )
+
+
+# -- lifecycle listeners ------------------------------------------------------
+
+
+class LifecycleListener(Protocol):
+    def on_pass_start(self, modifier_names: list[str]) -> None: ...
+
+    def on_layer_calibrated(self, modules: list[torch.nn.Module]) -> None: ...
+
+    def on_pass_end(self) -> None: ...
+
+    def on_run_failed(self) -> None: ...
+
+
+_listeners: list[LifecycleListener] = []
+
+
+def add_listener(listener: LifecycleListener) -> None:
+    if listener not in _listeners:
+        _listeners.append(listener)
+
+
+def remove_listener(listener: LifecycleListener) -> None:
+    if listener in _listeners:
+        _listeners.remove(listener)
+
+
+def current_modifier_names() -> list[str]:
+    """Modifiers whose calibration pass is running (one per pass in oneshot's
+    independent pipeline, all of them in a shared pipeline)."""
+    recipe = getattr(active_session().lifecycle, "recipe", None)
+    modifiers = getattr(recipe, "modifiers", None) or []
+    return [type(modifier).__name__ for modifier in modifiers]
+
+
+def _wrap_callback(name: str, before: Callable[..., None]) -> None:
+    original = getattr(LifecycleCallbacks, name).__func__
+
+    @functools.wraps(original)
+    def wrapped(cls, *args, **kwargs):
+        for listener in list(_listeners):
+            before(listener, *args, **kwargs)
+        return original(cls, *args, **kwargs)
+
+    wrapped.__moe_plugins_wrapped__ = True
+    setattr(LifecycleCallbacks, name, classmethod(wrapped))
+
+
+def _wrap_apply_recipe_modifiers() -> None:
+    from llmcompressor.entrypoints.oneshot import Oneshot
+
+    original = Oneshot.apply_recipe_modifiers
+
+    @functools.wraps(original)
+    def wrapped(self, *args: Any, **kwargs: Any):
+        try:
+            return original(self, *args, **kwargs)
+        except BaseException:
+            for listener in list(_listeners):
+                try:
+                    listener.on_run_failed()
+                except Exception as err:  # the original error is what matters
+                    logger.error(f"Cleanup after a failed run failed too: {err}")
+            raise
+
+    wrapped.__moe_plugins_wrapped__ = True
+    Oneshot.apply_recipe_modifiers = wrapped
+
+
+def install() -> None:
+    """Wrap the lifecycle entry points once (idempotent)."""
+    start = LifecycleCallbacks.calibration_start.__func__
+    if getattr(start, "__moe_plugins_wrapped__", False):
+        return
+    _wrap_callback(
+        "calibration_start",
+        lambda listener, **_: listener.on_pass_start(current_modifier_names()),
+    )
+    _wrap_callback(
+        "sequential_epoch_end",
+        lambda listener, modules, **_: listener.on_layer_calibrated(modules),
+    )
+    _wrap_callback("calibration_end", lambda listener, **_: listener.on_pass_end())
+    _wrap_apply_recipe_modifiers()
