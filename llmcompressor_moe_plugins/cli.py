@@ -1,6 +1,11 @@
 """``llmcompressor-moe``: quantize an MoE model, list plugins and recipes.
 
 Thin: parses arguments and calls the library (``oneshot`` with our modifier).
+``quantize`` checks everything it can before any heavy work, in this order:
+arguments and recipe, output directory, dataset, model (config only, built on the
+meta device to find its MoE blocks), tokenizer; then it loads the weights,
+calibrates, and saves into a temporary directory that replaces ``--output`` only
+when the save succeeded. Bad input ends with exit code 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -9,24 +14,51 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from loguru import logger
 
 from . import recipes
+from .hub import (
+    ModelSource,
+    SourceError,
+    check_hub_dataset,
+    hub_dataset_repo,
+    looks_like_path,
+    resolve_model,
+)
+from .logs import cli_logging
+from .output_dir import (
+    OutputDirError,
+    atomic_output_dir,
+    check_output_dir,
+    leftover_temp_dirs,
+)
 
+PROG = "llmcompressor-moe"
 DEFAULT_RECIPE = "glm4_moe_w4a16_gptq"
 DEFAULT_NUM_SAMPLES = 32
 DEFAULT_SEQ_LEN = 128
+TEXT_SUFFIXES = (".txt", ".jsonl")
 
 
 class CliError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (through ``main``)."""
+
+    def error(self, message: str):
+        raise CliError(f"{message}; see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="llmcompressor-moe",
+    parser = _Parser(
+        prog=PROG,
         description="Quantize Mixture-of-Experts models with llmcompressor, "
         "calibrating every expert.",
     )
@@ -37,20 +69,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="run oneshot with MoE calibration modules; without --model, on a "
         "tiny GLM4-MoE built on the spot",
     )
-    quantize.add_argument("--model", help="model directory (default: built-in tiny)")
+    quantize.add_argument(
+        "--model",
+        help="model directory (saved with save_pretrained) or Hugging Face Hub ID, "
+        "e.g. zai-org/GLM-4.5-Air (default: built-in tiny GLM4-MoE)",
+    )
+    quantize.add_argument(
+        "--revision", help="branch, tag or commit of a hub --model (default: main)"
+    )
     quantize.add_argument(
         "--recipe",
         default=DEFAULT_RECIPE,
         help=f"shipped recipe name or YAML path (default: {DEFAULT_RECIPE})",
     )
-    quantize.add_argument("--output", default="moe-quantized", help="output directory")
+    quantize.add_argument(
+        "--output",
+        default="moe-quantized",
+        help="output directory; must be new or empty unless --overwrite",
+    )
+    quantize.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty --output as a whole (once the new checkpoint "
+        "is saved)",
+    )
     quantize.add_argument(
         "--dataset",
         nargs="+",
-        help="HF datasets name or local path, or local .txt/.jsonl files "
+        help="local .txt/.jsonl files, a local dataset directory, a llmcompressor "
+        "dataset name (open_platypus, ...) or a Hugging Face Hub dataset ID "
         "(default: the Python standard library's source)",
     )
-    quantize.add_argument("--text-column", default="text", help="for .jsonl files")
+    quantize.add_argument(
+        "--text-column", default="text", help="for .jsonl files and datasets"
+    )
     quantize.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
     quantize.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
     mode = quantize.add_mutually_exclusive_group()
@@ -80,6 +132,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="quantize under-calibrated experts round-to-nearest instead of failing",
     )
+    quantize.add_argument(
+        "--allow-dense",
+        action="store_true",
+        help="quantize a model without MoE blocks anyway (the plugin does nothing)",
+    )
+    quantize.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every log line (default: one line per stage, each warning once)",
+    )
 
     commands.add_parser("plugins", help="list discovered calibration modules")
     commands.add_parser("recipes", help="list shipped recipes")
@@ -87,16 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        if args.command == "plugins":
-            return list_plugins_command()
-        if args.command == "recipes":
-            return list_recipes_command()
-        return quantize_command(args)
-    except CliError as err:
-        print(f"llmcompressor-moe: error: {err}", file=sys.stderr)
+        args = build_parser().parse_args(argv)
+        with cli_logging(verbose=getattr(args, "verbose", False)):
+            if args.command == "plugins":
+                return list_plugins_command()
+            if args.command == "recipes":
+                return list_recipes_command()
+            return quantize_command(args)
+    except (CliError, SourceError, OutputDirError) as err:
+        print(f"{PROG}: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(text: str) -> str:
+    """Upstream messages (pydantic, datasets) span lines; errors here do not."""
+    lines = [
+        line.strip()
+        for line in text.splitlines()
+        if line.strip() and "errors.pydantic.dev" not in line
+    ]
+    return " ".join(lines).strip("'\"")
 
 
 def list_recipes_command() -> int:
@@ -118,6 +195,27 @@ def list_plugins_command() -> int:
     return 0
 
 
+# -- arguments and recipe ---------------------------------------------------------
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.revision is not None and args.model is None:
+        raise CliError(
+            f"--revision {args.revision} applies to a hub --model; pass --model too"
+        )
+    for flag, value, default in (
+        ("--num-samples", args.num_samples, DEFAULT_NUM_SAMPLES),
+        ("--seq-len", args.seq_len, DEFAULT_SEQ_LEN),
+    ):
+        if value < 1:
+            raise CliError(f"{flag} {value}: must be 1 or more, e.g. {flag} {default}")
+    if args.min_tokens is not None and args.min_tokens < 0:
+        raise CliError(
+            f"--min-tokens {args.min_tokens}: must be 0 or more (the fewest tokens "
+            "an expert may be calibrated on; 0 turns the check off)"
+        )
+
+
 def _block_modes(pairs: list[str]) -> dict[str, str]:
     from .modes import parse_mode
 
@@ -125,7 +223,9 @@ def _block_modes(pairs: list[str]) -> dict[str, str]:
     for pair in pairs:
         class_name, sep, spec = pair.partition("=")
         if not sep or not class_name or not spec:
-            raise CliError(f"--block-mode {pair!r}: expected CLASS=MODE")
+            raise CliError(
+                f"--block-mode {pair!r}: expected CLASS=MODE, e.g. Glm4MoeMoE=top_k:8"
+            )
         try:
             parse_mode(spec)
         except ValueError as err:
@@ -144,6 +244,41 @@ _OUR_FIELDS = (
 )
 
 
+def _bare_modifier_entries(node: Any, parent: str = "") -> Iterator[str]:
+    """Modifier names written with no value (``GPTQModifier:``), which YAML reads
+    as null and llmcompressor fails on with an AttributeError."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            name = str(key)
+            is_modifier = name.endswith("Modifier") or parent.endswith("modifiers")
+            if value is None and is_modifier:
+                yield name
+            else:
+                yield from _bare_modifier_entries(value, name)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _bare_modifier_entries(item, parent)
+
+
+def _check_recipe_yaml(path: str) -> None:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise CliError(
+            f"recipe {path} is not valid YAML{where} ({problem}); fix the recipe"
+        ) from None
+    for name in _bare_modifier_entries(data):
+        raise CliError(
+            f"recipe {path}: modifier `{name}` has no arguments written as a bare "
+            f"`{name}:` (YAML null); write `{name}: {{}}`"
+        )
+
+
 def _load_recipe_modifiers(recipe: str, args: argparse.Namespace) -> list:
     """The recipe's modifiers with ours first, configured from the flags."""
     from llmcompressor.modifiers.quantization import QuantizationMixin
@@ -155,6 +290,7 @@ def _load_recipe_modifiers(recipe: str, args: argparse.Namespace) -> list:
         path = recipes.resolve(recipe)
     except (FileNotFoundError, KeyError) as err:
         raise CliError(str(err).strip("'\"")) from None
+    _check_recipe_yaml(path)
     try:
         modifiers = list(Recipe.create_instance(path).modifiers)
     except Exception as err:
@@ -175,7 +311,7 @@ def _load_recipe_modifiers(recipe: str, args: argparse.Namespace) -> list:
         try:
             parse_mode(args.mode)
         except ValueError as err:
-            raise CliError(f"--mode: {err}") from None
+            raise CliError(f"--mode {args.mode}: {err}") from None
         settings["mode"] = args.mode
     if args.block_mode:
         settings["block_modes"] = _block_modes(args.block_mode)
@@ -186,6 +322,11 @@ def _load_recipe_modifiers(recipe: str, args: argparse.Namespace) -> list:
     try:
         if ours:
             kept = {name: getattr(ours[0], name) for name in _OUR_FIELDS}
+            if "block_modes" in settings:
+                settings["block_modes"] = {
+                    **kept["block_modes"],
+                    **settings["block_modes"],
+                }
             configured = MoECalibrationModifier(**{**kept, **settings})
             modifiers = [configured] + [m for m in modifiers if m is not ours[0]]
         else:
@@ -195,26 +336,80 @@ def _load_recipe_modifiers(recipe: str, args: argparse.Namespace) -> list:
     return modifiers
 
 
-def _calibration_dataset(args: argparse.Namespace, tokenizer):
-    from .tiny import stdlib_texts, tokenize_for_calibration
+# -- dataset ----------------------------------------------------------------------
 
+
+@dataclass
+class DatasetSource:
+    """What ``--dataset`` names, checked before the model is loaded.
+
+    :param kind: ``texts`` (read already), ``dataset`` (a local ``datasets``
+        dataset, loaded already), ``registered`` (a llmcompressor dataset name,
+        loaded by oneshot) or ``hub`` (a hub dataset ID, streamed at calibration)
+    """
+
+    kind: Literal["texts", "dataset", "registered", "hub"]
+    name: str
+    texts: Iterable[str] | None = None
+    dataset: Any = None
+    cached_only: bool = False
+
+
+def _dataset_source(args: argparse.Namespace) -> DatasetSource:
     sources = args.dataset
     if not sources:
-        texts = stdlib_texts(skip_files=100)
-    elif all(Path(s).suffix in (".txt", ".jsonl") for s in sources):
+        from .tiny import stdlib_texts
+
+        return DatasetSource("texts", "stdlib", texts=stdlib_texts(skip_files=100))
+    if all(Path(s).suffix in TEXT_SUFFIXES for s in sources):
         texts = list(_read_text_files(sources, args.text_column))
-    elif len(sources) == 1:
-        return sources[0]  # a datasets name or path: oneshot loads it
-    else:
+        return DatasetSource("texts", " ".join(sources), texts=texts)
+    if len(sources) > 1:
         raise CliError(
-            "--dataset takes one datasets name/path, or any number of .txt/.jsonl files"
+            "--dataset takes one dataset (directory, name or hub ID), or any number "
+            f"of {'/'.join(TEXT_SUFFIXES)} files; got {' '.join(sources)}"
         )
+    name = sources[0]
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return DatasetSource("dataset", name, dataset=_load_local_dataset(path, name))
+    if path.exists():
+        raise CliError(
+            f"--dataset {name}: expected {' or '.join(TEXT_SUFFIXES)} files or a "
+            "dataset directory; convert it to .jsonl (one JSON object per line)"
+        )
+    if looks_like_path(name):
+        raise CliError(f"--dataset {name}: that file or directory does not exist")
+    registered = hub_dataset_repo(name)
+    cached_only = check_hub_dataset(name, registered or name)
+    if registered is not None:
+        return DatasetSource("registered", name, cached_only=cached_only)
+    return DatasetSource("hub", name, cached_only=cached_only)
+
+
+def _load_local_dataset(path: Path, name: str):
+    """A directory saved with ``save_to_disk``, or one of data files that
+    ``datasets.load_dataset`` reads (json, csv, parquet, txt)."""
+    import datasets
+
     try:
-        return tokenize_for_calibration(
-            tokenizer, texts, args.num_samples, args.seq_len
-        )
-    except ValueError as err:
-        raise CliError(str(err)) from None
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            dataset = datasets.load_from_disk(str(path))
+        else:
+            dataset = datasets.load_dataset(str(path))
+    except (OSError, ValueError, FileNotFoundError) as err:
+        raise CliError(
+            f"--dataset {name}: not a dataset directory ({_one_line(str(err))}); "
+            "pass one saved with Dataset.save_to_disk, or .txt/.jsonl files"
+        ) from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise CliError(
+                f"--dataset {name} has splits {', '.join(dataset)} but no 'train' "
+                "split; save the split to calibrate on with Dataset.save_to_disk"
+            )
+        dataset = dataset["train"]
+    return dataset
 
 
 def _read_text_files(paths: list[str], text_column: str):
@@ -237,56 +432,278 @@ def _read_text_files(paths: list[str], text_column: str):
                 ) from None
 
 
+def _column_texts(rows: Iterable[dict], column: str, name: str) -> Iterator[str]:
+    for row in rows:
+        if column not in row:
+            raise CliError(
+                f"--dataset {name} has no column {column!r} (columns: "
+                f"{', '.join(row)}); pass --text-column"
+            )
+        yield row[column]
+
+
+def _calibration_dataset(source: DatasetSource, tokenizer, args: argparse.Namespace):
+    """What oneshot gets as ``dataset``: ``num_samples`` windows of ``seq_len``
+    tokens, or a llmcompressor dataset name."""
+    from .tiny import tokenize_for_calibration
+
+    if source.kind == "registered":
+        return source.name
+    if source.kind == "dataset":
+        columns = source.dataset.column_names
+        if "input_ids" in columns:
+            return source.dataset  # already tokenized
+        texts = _column_texts(source.dataset, args.text_column, source.name)
+    elif source.kind == "hub":
+        texts = _hub_texts(source, args.text_column)
+    else:
+        texts = source.texts
+    try:
+        return tokenize_for_calibration(
+            tokenizer, texts, args.num_samples, args.seq_len
+        )
+    except ValueError as err:
+        raise CliError(f"--dataset {source.name}: {err}") from None
+
+
+def _hub_texts(source: DatasetSource, column: str) -> Iterator[str]:
+    """Streamed from the hub (only what calibration needs), or from the cache."""
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(
+            source.name, split="train", streaming=not source.cached_only
+        )
+    except (OSError, ValueError, ConnectionError) as err:
+        raise CliError(
+            f"--dataset {source.name}: could not be loaded ({_one_line(str(err))}); "
+            "pass local .txt/.jsonl files or a local dataset directory"
+        ) from None
+    yield from _column_texts(rows, column, source.name)
+
+
+# -- model ------------------------------------------------------------------------
+
+
+def _model_config(source: ModelSource):
+    import transformers
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(
+            source.reference, **source.pretrained_kwargs()
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise CliError(
+            f"--model {source.reference}: transformers {transformers.__version__} "
+            f"cannot read its config.json ({_one_line(str(err))[:200]}); pass a "
+            "model this transformers version supports"
+        ) from None
+
+
+def _meta_model(config, label: str):
+    """The model's modules on the meta device: structure without weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except ValueError as err:
+        raise CliError(
+            f"--model {label}: not a causal language model transformers can build "
+            f"({_one_line(str(err))[:200]}); pass a *ForCausalLM model"
+        ) from None
+
+
+def _moe_block_classes(model) -> list[str]:
+    """The class name of every MoE block the plugin calibrates, in model order.
+
+    Asks ``context.plan_calibration`` (registered and generic paths); without it,
+    modules with ``experts`` and a ``gate`` or ``router``.
+    """
+    try:
+        from .context import plan_calibration
+    except ImportError:
+        return [
+            type(module).__name__
+            for module in model.modules()
+            if hasattr(module, "experts")
+            and (hasattr(module, "gate") or hasattr(module, "router"))
+        ]
+    return [plan.block_class for plan in plan_calibration(model)]
+
+
+def _check_moe_blocks(blocks: list[str], args: argparse.Namespace, label: str) -> None:
+    classes = list(dict.fromkeys(blocks))
+    if not blocks and not args.allow_dense:
+        raise CliError(
+            f"--model {label} has no MoE block this plugin can calibrate (no module "
+            "with experts and a router), so it would do nothing; pass --allow-dense "
+            "to quantize it anyway"
+        )
+    for pair in args.block_mode:
+        class_name = pair.partition("=")[0]
+        if class_name not in classes:
+            has = (
+                f"its MoE block classes: {', '.join(classes)}"
+                if classes
+                else "it has no MoE blocks"
+            )
+            raise CliError(
+                f"--block-mode {pair}: the model has no block of class {class_name}; "
+                f"{has}"
+            )
+
+
+def _load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            source.reference, **source.pretrained_kwargs()
+        )
+    except (OSError, ValueError, KeyError, ImportError) as err:
+        raise CliError(
+            f"--model {source.reference}: no tokenizer could be loaded "
+            f"({_one_line(str(err))[:200]}); save one beside the model "
+            "(tokenizer.save_pretrained)"
+        ) from None
+
+
+# -- quantize ---------------------------------------------------------------------
+
+
+def _save_checkpoint(model, tokenizer, report, directory: Path) -> None:
+    """What oneshot's ``post_process`` writes (compressed weights, config,
+    recipe.yaml, tokenizer), plus the coverage report."""
+    model.save_pretrained(directory, save_compressed=True)
+    tokenizer.save_pretrained(directory)
+    if report is not None:
+        report.save_json(directory / "coverage.json")
+        report.save_heatmap(directory / "coverage.png")
+
+
+def _save_failed_coverage(report, output: Path) -> str:
+    """Where the coverage of a failed run went: into --output only if that is
+    new or empty (a checkpoint there is kept as it was)."""
+    if report is None:
+        return ""
+    if output.is_dir() and any(output.iterdir()):
+        return f" (the existing {output} was left as it was)"
+    with atomic_output_dir(output) as staging:
+        report.save_json(staging / "coverage.json")
+    return f" (coverage report: {output / 'coverage.json'})"
+
+
 def quantize_command(args: argparse.Namespace) -> int:
-    from llmcompressor import oneshot
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .compat import cpu_only_calibration
     from .coverage import UndercalibratedExpertsError
+    from .modifier import MoECalibrationModifier
 
+    # checks first, cheapest first: nothing heavy runs before they all pass
+    _check_arguments(args)
     modifiers = _load_recipe_modifiers(args.recipe, args)
-    output = Path(args.output)
+    output = check_output_dir(args.output, args.overwrite)
+    dataset_source = _dataset_source(args)
 
     with tempfile.TemporaryDirectory(prefix="llmcompressor-moe-") as scratch:
-        if args.model is None:
-            from .tiny import build_tiny_glm4_moe, train_tokenizer
-
-            logger.info("No --model: building a tiny GLM4-MoE and its tokenizer")
-            model_path = build_tiny_glm4_moe(
-                Path(scratch) / "tiny-glm4-moe", tokenizer=train_tokenizer()
+        source, blocks = _model_source(args, output, Path(scratch))
+        tokenizer = _load_tokenizer(source)
+        dataset = _calibration_dataset(dataset_source, tokenizer, args)
+        if not blocks:  # and --allow-dense, else _model_source refused it
+            logger.warning(
+                f"No MoE block found in {args.model}: the plugin does nothing; "
+                "quantizing it as a dense model (--allow-dense)"
             )
-        else:
-            model_path = Path(args.model)
-            if not (model_path / "config.json").is_file():
-                raise CliError(
-                    f"--model {model_path}: no config.json there; pass a model "
-                    "directory saved with save_pretrained"
-                )
-        model = AutoModelForCausalLM.from_pretrained(model_path)
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        dataset = _calibration_dataset(args, tokenizer)
+            modifiers = [
+                m for m in modifiers if not isinstance(m, MoECalibrationModifier)
+            ]
+        ours = next(
+            (m for m in modifiers if isinstance(m, MoECalibrationModifier)), None
+        )
 
-        ours = modifiers[0]
+        model = _load_model(source, blocks, args.model or "the tiny GLM4-MoE")
         try:
-            with cpu_only_calibration():
-                oneshot(
-                    model=model,
-                    processor=tokenizer,
-                    dataset=dataset,
-                    recipe=modifiers,
-                    output_dir=str(output),
-                    num_calibration_samples=args.num_samples,
-                    max_seq_length=args.seq_len,
-                )
+            _calibrate(model, tokenizer, dataset, modifiers, args)
         except UndercalibratedExpertsError as err:
-            # nothing was saved; the report shows which experts starved
-            output.mkdir(parents=True, exist_ok=True)
-            ours.coverage_report.save_json(output / "coverage.json")
-            raise CliError(str(err)) from None
+            where = _save_failed_coverage(ours.coverage_report, output)
+            raise CliError(f"{err}{where}") from None
+        report = ours.coverage_report if ours is not None else None
 
-    report = ours.coverage_report
-    report.save_json(output / "coverage.json")
-    report.save_heatmap(output / "coverage.png")
+        for leftover in leftover_temp_dirs(output):
+            logger.warning(
+                f"{leftover} was left by an interrupted run; delete it unless "
+                "another run is writing there"
+            )
+        logger.info(f"Saving the quantized model to {output}")
+        with atomic_output_dir(output, args.overwrite) as staging:
+            _save_checkpoint(model, tokenizer, report, staging)
+
+    if report is None:
+        print(f"Quantized model (dense: no coverage report) written to {output}")
+        return 0
+    if not report.blocks:
+        logger.warning("The plugin calibrated no MoE block; coverage.json is empty")
     print(report.format_table())
     print(f"Quantized model, coverage.json and coverage.png written to {output}")
     return 0
+
+
+def _model_source(
+    args: argparse.Namespace, output: Path, scratch: Path
+) -> tuple[ModelSource, list[str]]:
+    """The model to load and its MoE block classes, checked from its config
+    alone (modules built on the meta device); the embedded tiny model is built
+    in ``scratch`` once the checks pass."""
+    if args.model is None:
+        from .tiny import build_tiny_glm4_moe, tiny_glm4_moe_config, train_tokenizer
+
+        blocks = _moe_block_classes(_meta_model(tiny_glm4_moe_config(), "tiny"))
+        _check_moe_blocks(blocks, args, "tiny")
+        logger.info("No --model: building a tiny GLM4-MoE and its tokenizer")
+        tiny = build_tiny_glm4_moe(
+            scratch / "tiny-glm4-moe", tokenizer=train_tokenizer()
+        )
+        return ModelSource(str(tiny)), blocks
+
+    source = resolve_model(args.model, args.revision)
+    if not source.on_hub and Path(source.reference).resolve().is_relative_to(output):
+        raise CliError(
+            f"--output {args.output} holds the model directory {args.model}; "
+            "pass another --output"
+        )
+    blocks = _moe_block_classes(_meta_model(_model_config(source), args.model))
+    _check_moe_blocks(blocks, args, args.model)
+    return source, blocks
+
+
+def _load_model(source: ModelSource, blocks: list[str], label: str):
+    from transformers import AutoModelForCausalLM
+
+    if source.on_hub:
+        label = source.describe()
+    classes = ", ".join(dict.fromkeys(blocks)) or "none"
+    logger.info(f"Loading {label} ({len(blocks)} MoE block(s) of class {classes})")
+    return AutoModelForCausalLM.from_pretrained(
+        source.reference, **source.pretrained_kwargs()
+    )
+
+
+def _calibrate(model, tokenizer, dataset, modifiers, args) -> None:
+    from llmcompressor import oneshot
+
+    from .compat import cpu_only_calibration
+
+    logger.info(
+        f"Calibrating with {args.recipe} on {args.num_samples} samples x "
+        f"{args.seq_len} tokens"
+    )
+    with cpu_only_calibration():
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            dataset=dataset,
+            recipe=modifiers,
+            num_calibration_samples=args.num_samples,
+            max_seq_length=args.seq_len,
+        )
