@@ -41,7 +41,7 @@ class BlockCoverage:
     mode: str  # calibration mode, e.g. "affinity:0.1"
     routed: list[int]  # per expert: tokens the router sent it in this pass
     calibrated: list[int]  # per expert: tokens its Linears were calibrated on
-    floor: int = 0  # tokens per expert the mode guarantees (0: none)
+    floor: int = 0  # the floor of tokens per expert in force here (0: none)
 
     @property
     def num_experts(self) -> int:
@@ -107,7 +107,14 @@ class CoverageReport:
                         "routed_share": routed / total_routed,
                     }
                 )
-        rows.sort(key=lambda r: (r["calibrated"], r["routed"], r["block"], r["expert"]))
+        rows.sort(
+            key=lambda r: (
+                r["calibrated"],
+                r["routed"],
+                _natural_key(r["block"]),
+                r["expert"],
+            )
+        )
         return rows
 
     def undercalibrated(
@@ -219,9 +226,7 @@ class CoverageReport:
         current = pass_index % len(self.passes)
         for index, other in enumerate(self.passes):
             if index != current and other.blocks:
-                lines.append(
-                    f"{self.describe_pass(index)}: " + _summary(other)
-                )
+                lines.append(f"{self.describe_pass(index)}: " + _summary(other))
         return "\n".join(lines)
 
     # -- heatmap ------------------------------------------------------------------
@@ -424,18 +429,30 @@ def _draw_heatmap(
                 if marker == "o"
                 else {"c": colour}
             )
-            axes[1].scatter(
-                x, y, s=marker_size, marker=marker, linewidths=1.2, **style
-            )
+            axes[1].scatter(x, y, s=marker_size, marker=marker, linewidths=1.2, **style)
 
     colourbar = fig.colorbar(
         image, ax=axes, label="tokens (log scale)", shrink=0.9, aspect=40
     )
     floor_values = sorted({b.floor for b in blocks if b.floor > 0})
     # the floor(s) and min_tokens as lines on the colour scale
-    marks = [v for v in [*floor_values, report.min_tokens] if 1 <= v <= norm.vmax]
+    marks = {value: f"floor {value}" for value in floor_values}
+    if report.min_tokens > 1:
+        marks.setdefault(report.min_tokens, f"min_tokens {report.min_tokens}")
+    marks = {v: text for v, text in marks.items() if v <= norm.vmax}
     if marks:
-        colourbar.add_lines(marks, colors=["#ff7f00"] * len(marks), linewidths=2)
+        colourbar.add_lines(list(marks), colors=["#ff7f00"] * len(marks), linewidths=2)
+        for value, text in marks.items():
+            colourbar.ax.text(
+                -0.2,
+                value,
+                text,
+                transform=colourbar.ax.get_yaxis_transform(),
+                ha="right",
+                va="center",
+                fontsize=7,
+                color="#d95f02",
+            )
 
     legend = [
         Patch(facecolor="#d9d9d9", label="0 tokens"),

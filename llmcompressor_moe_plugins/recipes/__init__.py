@@ -20,20 +20,22 @@ def names() -> list[str]:
     )
 
 
-def path(name: str) -> Path:
-    """Filesystem path of a shipped recipe; raises KeyError naming the choices."""
+def path(name: str) -> str:
+    """Filesystem path of a shipped recipe, as a ``str``: what
+    ``oneshot(recipe=...)`` takes (it calls ``.lower()`` on a path argument, so a
+    ``pathlib.Path`` fails there). Raises KeyError naming the choices."""
     name = name.removesuffix(".yaml")
     entry = _directory() / f"{name}.yaml"
     if not entry.is_file():
         raise KeyError(
             f"No shipped recipe named {name!r}. Shipped: {', '.join(names())}."
         )
-    return Path(str(entry))
+    return str(entry)
 
 
 def get(name: str) -> str:
     """YAML text of a shipped recipe, ready for ``oneshot(recipe=...)``."""
-    return path(name).read_text()
+    return Path(path(name)).read_text()
 
 
 def describe(name: str) -> str:
@@ -54,4 +56,4 @@ def resolve(name_or_path: str) -> str:
                 f"file or a shipped recipe name: {', '.join(names())}."
             )
         return str(candidate)
-    return str(path(name_or_path))
+    return path(name_or_path)
