@@ -133,6 +133,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize under-calibrated experts round-to-nearest instead of failing",
     )
     quantize.add_argument(
+        "--floor",
+        type=int,
+        help="calibrate every expert on at least this many tokens (default: 64 "
+        "under the default mode, 0 with --mode)",
+    )
+    quantize.add_argument(
+        "--seed", type=int, help="seeds sampling and the calibration order (0)"
+    )
+    quantize.add_argument(
+        "--scheme-fit",
+        choices=("ignore", "regroup", "raise"),
+        help="a Linear whose width the recipe's group size does not divide: keep "
+        "it unquantized (ignore, default), give it a smaller group (regroup), or "
+        "stop (raise)",
+    )
+    quantize.add_argument(
         "--allow-dense",
         action="store_true",
         help="quantize a model without MoE blocks anyway (the plugin does nothing)",
@@ -144,7 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="show every log line (default: one line per stage, each warning once)",
     )
 
-    commands.add_parser("plugins", help="list discovered calibration modules")
+    plugins = commands.add_parser(
+        "plugins",
+        help="list discovered calibration modules; with --model, which path each "
+        "of the model's MoE blocks takes",
+    )
+    plugins.add_argument(
+        "--model", help="model directory or hub ID (only its config is read)"
+    )
+    plugins.add_argument("--revision", help="hub revision (with a hub ID)")
     commands.add_parser("recipes", help="list shipped recipes")
     return parser
 
@@ -154,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         with cli_logging(verbose=getattr(args, "verbose", False)):
             if args.command == "plugins":
+                if args.model:
+                    return plan_command(args)
                 return list_plugins_command()
             if args.command == "recipes":
                 return list_recipes_command()
@@ -195,6 +221,33 @@ def list_plugins_command() -> int:
     return 0
 
 
+def plan_command(args: argparse.Namespace) -> int:
+    """Which path each MoE block of a model takes, from its config alone."""
+    from .context import find_unregistered_moe_blocks, plan_calibration
+
+    source = resolve_model(args.model, args.revision)
+    model = _meta_model(_model_config(source), args.model)
+    by_class: dict[tuple[str, str, str], list[str]] = {}
+    for plan in plan_calibration(model):
+        key = (plan.block_class, plan.path, plan.detail)
+        by_class.setdefault(key, []).append(plan.name)
+    print(
+        f"{'block class':<32} {'path':<11} {'blocks':>6}  calibrated by / first block"
+    )
+    for (block_class, path, detail), names in by_class.items():
+        how = f"module {detail}" if path == "registered" else f"dispatcher ({detail})"
+        print(f"{block_class:<32} {path:<11} {len(names):>6}  {how}; {names[0]}")
+    for block_class in find_unregistered_moe_blocks(model):
+        print(
+            f"{block_class:<32} {'none':<11} {'':>6}  its experts take no routing "
+            "call the dispatcher can stand in for: register a calibration module "
+            "(README, 'Adding an architecture')"
+        )
+    if not by_class:
+        print(f"No MoE block in {args.model}: the plugin would do nothing.")
+    return 0
+
+
 # -- arguments and recipe ---------------------------------------------------------
 
 
@@ -213,6 +266,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise CliError(
             f"--min-tokens {args.min_tokens}: must be 0 or more (the fewest tokens "
             "an expert may be calibrated on; 0 turns the check off)"
+        )
+    if args.floor is not None and args.floor < 0:
+        raise CliError(
+            f"--floor {args.floor}: must be 0 or more (tokens every expert is "
+            "calibrated on at least; 0 turns the floor off)"
         )
 
 
@@ -241,6 +299,9 @@ _OUR_FIELDS = (
     "chunk_size",
     "min_tokens",
     "rtn_fallback",
+    "floor",
+    "seed",
+    "scheme_fit",
 )
 
 
@@ -319,6 +380,9 @@ def _load_recipe_modifiers(recipe: str, args: argparse.Namespace) -> list:
         settings["min_tokens"] = args.min_tokens
     if args.rtn_fallback:
         settings["rtn_fallback"] = True
+    for name in ("floor", "seed", "scheme_fit"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
     try:
         if ours:
             kept = {name: getattr(ours[0], name) for name in _OUR_FIELDS}
@@ -574,11 +638,18 @@ def _load_tokenizer(source: ModelSource):
 # -- quantize ---------------------------------------------------------------------
 
 
-def _save_checkpoint(model, tokenizer, report, directory: Path) -> None:
+def _save_checkpoint(model, tokenizer, report, directory: Path, source) -> None:
     """What oneshot's ``post_process`` writes (compressed weights, config,
-    recipe.yaml, tokenizer), plus the coverage report."""
+    recipe.yaml, tokenizer), plus the source's MTP layers, which transformers
+    drops on load (unquantized, as vLLM's GLM MTP loader takes them), and the
+    coverage report."""
+    from .mtp import copy_mtp_tensors
+
     model.save_pretrained(directory, save_compressed=True)
     tokenizer.save_pretrained(directory)
+    copied = copy_mtp_tensors(source.local_directory(), directory)
+    if copied:
+        logger.info(f"Copied {len(copied)} MTP tensor(s) from the source checkpoint")
     if report is not None:
         report.save_json(directory / "coverage.json")
         report.save_heatmap(directory / "coverage.png")
@@ -637,7 +708,7 @@ def quantize_command(args: argparse.Namespace) -> int:
             )
         logger.info(f"Saving the quantized model to {output}")
         with atomic_output_dir(output, args.overwrite) as staging:
-            _save_checkpoint(model, tokenizer, report, staging)
+            _save_checkpoint(model, tokenizer, report, staging, source)
 
     if report is None:
         print(f"Quantized model (dense: no coverage report) written to {output}")

@@ -106,6 +106,19 @@ class ModelSource:
             return {}
         return {"revision": self.revision, "local_files_only": self.local_files_only}
 
+    def local_directory(self) -> Path:
+        """Where the model's files are on this machine (for a hub model, its
+        cached snapshot: from_pretrained has fetched every shard by then)."""
+        if not self.on_hub:
+            return Path(self.reference)
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                self.reference, revision=self.revision, local_files_only=True
+            )
+        )
+
     def describe(self) -> str:
         if not self.on_hub:
             return self.reference

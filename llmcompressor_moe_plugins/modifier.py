@@ -19,10 +19,11 @@ calibration pass.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from llmcompressor.core import State
+from llmcompressor.core import State, active_session
 from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.factory import ModifierFactory
@@ -31,10 +32,12 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from . import upstream
 from .base import AUTO_CHUNK
+from .checkpoint_check import check_quantized_tensors
 from .context import SwappedBlocks, swap_in_calibration_modules
 from .coverage import CalibrationPass, CoverageReport, UndercalibratedExpertsError
+from .fit import FitChange, FitPolicy, fit_schemes_to_model
 from .modes import parse_mode
-from .rtn import quantize_round_to_nearest
+from .rtn import fill_starved_activation_qparams, quantize_round_to_nearest
 from .seeding import restore_global_rng, seed_calibration_order
 
 __all__ = ["MoECalibrationModifier", "last_coverage_report", "DEFAULT_MODE"]
@@ -47,6 +50,13 @@ def last_coverage_report() -> CoverageReport | None:
     return _last_report
 
 
+def save_coverage_files(report: CoverageReport, directory: str | Path) -> None:
+    """coverage.json and coverage.png into ``directory`` (beside a checkpoint)."""
+    report.save_json(Path(directory) / "coverage.json")
+    report.save_heatmap(Path(directory) / "coverage.png")
+    logger.info(f"Coverage report written beside the checkpoint in {directory}")
+
+
 ModeSpec = str | dict[str, int | float]
 
 # Chosen from benchmarks/quality.py (see benchmarks/RESULTS.md): lowest mean
@@ -54,9 +64,10 @@ ModeSpec = str | dict[str, int | float]
 # better of routed and all, at a fraction of all's cost.
 DEFAULT_MODE = "affinity:0.1"
 # Tokens every expert is calibrated on at least under the default mode (or all
-# the calibration set has): sampling alone gave experts that a skewed router
-# never picks almost no tokens (benchmarks/RESULTS.md, "floor").
-DEFAULT_FLOOR = 64
+# the calibration set has): sampling alone gives experts that a skewed router
+# never picks almost no tokens. 16 had the lowest mean perplexity increase of the
+# floors measured (4, 8, 16, 64; benchmarks/RESULTS.md, "The floor").
+DEFAULT_FLOOR = 16
 
 
 class MoECalibrationModifier(Modifier):
@@ -70,7 +81,7 @@ class MoECalibrationModifier(Modifier):
     :param block_modes: per MoE block class name, a mode overriding ``mode``
     :param floor: every expert is calibrated on at least this many tokens per
         pass (or all there are), topped up with its highest-affinity candidates;
-        unset: 64 under the default mode, 0 when a mode is chosen
+        unset: 16 under the default mode, 0 when a mode is chosen
     :param chunk_size: tokens per extra (statistics-only) expert call, or ``auto``
     :param seed: seeds each block's sampling (with the block's name and rank) and
         the calibration data's shuffling, so runs are reproducible
@@ -78,7 +89,12 @@ class MoECalibrationModifier(Modifier):
         end of its layer's calibration, before it is compressed ...; unset: the
         floor, or 1 without one
     :param rtn_fallback: ... unless this is set: then it is quantized
-        round-to-nearest from its weights alone, and the report says so
+        round-to-nearest from its weights alone (activation scales from its
+        calibrated peers), and the report says so
+    :param scheme_fit: what happens to a Linear whose width the recipe's group size
+        does not divide (GLM-4.5-Air's 10944-wide dense MLP): ``ignore`` keeps it
+        unquantized (servable by every vLLM kernel), ``regroup`` gives it a
+        smaller group, ``raise`` stops; see ``fit.py``
     """
 
     calibrate_all_experts: bool | None = None
@@ -89,6 +105,7 @@ class MoECalibrationModifier(Modifier):
     seed: int = 0
     min_tokens: int | None = Field(default=None, ge=0)
     rtn_fallback: bool = False
+    scheme_fit: FitPolicy = "ignore"
 
     _swapped: SwappedBlocks | None = PrivateAttr(default=None)
     _passes: list[CalibrationPass] = PrivateAttr(default_factory=list)
@@ -96,6 +113,7 @@ class MoECalibrationModifier(Modifier):
     _checked: set[int] = PrivateAttr(default_factory=set)
     _coverage_report: CoverageReport | None = PrivateAttr(default=None)
     _rng_state: torch.Tensor | None = PrivateAttr(default=None)
+    _fit_changes: list[FitChange] = PrivateAttr(default_factory=list)
 
     @property
     def coverage_report(self) -> CoverageReport | None:
@@ -142,7 +160,9 @@ class MoECalibrationModifier(Modifier):
     def resolved_floor(self) -> int:
         if self.floor is not None:
             return self.floor
-        return DEFAULT_FLOOR if self.resolved_mode() == DEFAULT_MODE else 0
+        # a mode the user chose runs as chosen; the default comes with its floor
+        chosen = not self._mode_is_default() or not get_calibrate_all_experts_flag()
+        return 0 if chosen else DEFAULT_FLOOR
 
     def resolved_min_tokens(self) -> int:
         if self.min_tokens is not None:
@@ -152,6 +172,13 @@ class MoECalibrationModifier(Modifier):
     # -- lifecycle ----------------------------------------------------------------
 
     def on_initialize(self, state: State, **kwargs) -> bool:
+        # before the other modifiers initialize, which is where a width their
+        # group size does not divide would stop the run
+        self._fit_changes = fit_schemes_to_model(
+            state.model,
+            active_session().lifecycle.recipe.modifiers,
+            policy=self.scheme_fit,
+        )
         self._passes, self._checked = [], set()
         # the calibration data's order decides which tokens share a forward
         self._rng_state = seed_calibration_order(
@@ -238,7 +265,10 @@ class MoECalibrationModifier(Modifier):
         if swapped is None:
             return
         current = swapped.coverage_pass(self._pass_label)
-        if any(any(block.routed) for block in current.blocks):
+        # blocks that never ran in this pass (a run that stopped at an earlier
+        # layer) have nothing to report
+        current.blocks = [block for block in current.blocks if any(block.routed)]
+        if current.blocks:
             self._passes.append(current)
         swapped.reset_counts()
         self._checked.clear()
@@ -265,12 +295,22 @@ class MoECalibrationModifier(Modifier):
             if starved and self.rtn_fallback:
                 modules = dict(state.model.named_modules())
                 quantize_round_to_nearest([modules[name] for name in starved])
+                filled = fill_starved_activation_qparams(state.model, starved)
                 report.rtn_fallback = starved
                 logger.warning(
                     f"{len(starved)} expert(s) had fewer than {report.min_tokens} "
                     "calibration token(s) and were quantized round-to-nearest from "
                     f"their weights: {', '.join(starved[:10])}"
+                    + (
+                        f"; {len(filled)} activation scale(s) taken from their "
+                        "calibrated peers"
+                        if filled
+                        else ""
+                    )
                 )
+        # a NaN, Inf or zero scale must stop the run before oneshot saves it
+        check_quantized_tensors(state.model)
+        upstream.after_save(lambda directory: save_coverage_files(report, directory))
         return True
 
 

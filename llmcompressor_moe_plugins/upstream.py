@@ -16,11 +16,16 @@ Why each is needed:
   only runs on success), which would leave calibration modules in the user's
   model. ``Oneshot.apply_recipe_modifiers`` is wrapped so that a failure calls the
   registered cleanups before it propagates.
+- After saving: oneshot saves in ``post_process`` (after every modifier
+  finalized), and no hook runs after it; the coverage report belongs beside the
+  checkpoint, so ``post_process`` is wrapped to run the callbacks queued with
+  :func:`after_save` once the checkpoint is written.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -40,6 +45,7 @@ __all__ = [
     "add_listener",
     "remove_listener",
     "current_modifier_names",
+    "after_save",
     "install",
 ]
 
@@ -158,6 +164,35 @@ def _wrap_apply_recipe_modifiers() -> None:
     Oneshot.apply_recipe_modifiers = wrapped
 
 
+_after_save: list[Callable[[str], None]] = []
+
+
+def after_save(callback: Callable[[str], None]) -> None:
+    """Call ``callback(output_dir)`` once the running oneshot has saved its
+    checkpoint (dropped if it saves nothing or fails)."""
+    _after_save.append(callback)
+
+
+def _wrap_post_process() -> None:
+    # the package exports a function named like this module: import the module
+    oneshot_module = importlib.import_module("llmcompressor.entrypoints.oneshot")
+    original = oneshot_module.post_process
+
+    @functools.wraps(original)
+    def wrapped(*args: Any, **kwargs: Any):
+        try:
+            result = original(*args, **kwargs)
+            output_dir = kwargs.get("output_dir")
+            for callback in list(_after_save) if output_dir else []:
+                callback(str(output_dir))
+            return result
+        finally:
+            _after_save.clear()
+
+    wrapped.__moe_plugins_wrapped__ = True
+    oneshot_module.post_process = wrapped
+
+
 def install() -> None:
     """Wrap the lifecycle entry points once (idempotent)."""
     start = LifecycleCallbacks.calibration_start.__func__
@@ -173,3 +208,4 @@ def install() -> None:
     )
     _wrap_callback("calibration_end", lambda listener, **_: listener.on_pass_end())
     _wrap_apply_recipe_modifiers()
+    _wrap_post_process()

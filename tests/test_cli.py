@@ -616,7 +616,12 @@ def test_starved_experts_fail_then_fall_back(textbook_dir, tmp_path, capsys):
     fallback = tmp_path / "fallback"
     assert main([*common, "--rtn-fallback", "--output", str(fallback)]) == 0
     report = json.loads((fallback / "coverage.json").read_text())
-    assert report["rtn_fallback"] == starved.undercalibrated()
+    # the failed run stopped in the first layer with starved experts, before
+    # calibrating the next: it reports that layer only
+    assert {name.rpartition(".experts.")[0] for name in starved.undercalibrated()} == {
+        starved.blocks[-1].name
+    }
+    assert set(starved.undercalibrated()) <= set(report["rtn_fallback"])
     # RTN gave the starved experts real scales: the checkpoint reloads and runs
     model = AutoModelForCausalLM.from_pretrained(fallback)
     expert = report["rtn_fallback"][0].removeprefix("model.") + ".gate_proj"

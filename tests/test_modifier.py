@@ -38,9 +38,12 @@ def test_bad_fields_fail_at_parse_time_naming_the_field(fields, message):
 def test_floor_and_min_tokens_follow_the_mode():
     with upstream_flag():  # oneshot's default, moe_calibrate_all_experts=True
         default = MoECalibrationModifier()
-        assert (default.resolved_floor(), default.resolved_min_tokens()) == (64, 64)
+        assert (default.resolved_floor(), default.resolved_min_tokens()) == (16, 16)
         chosen = MoECalibrationModifier(mode="routed")
         assert (chosen.resolved_floor(), chosen.resolved_min_tokens()) == (0, 1)
+        # the default mode spelled out is a choice: no floor unless asked
+        spelled = MoECalibrationModifier(mode="affinity:0.1")
+        assert (spelled.resolved_floor(), spelled.resolved_min_tokens()) == (0, 1)
         both = MoECalibrationModifier(mode="top_k:4", floor=16, min_tokens=8)
         assert (both.resolved_floor(), both.resolved_min_tokens()) == (16, 8)
 
