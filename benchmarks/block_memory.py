@@ -20,9 +20,10 @@ from llmcompressor.modeling.moe.context import (
     moe_calibration_context as upstream_calibrate_all,
 )
 from llmcompressor.modeling.moe.linearize import linearize_moe
-from oneshot_variants import SIZES  # benchmarks/ is the script's folder
+from oneshot_variants import GLM4_SIZES  # benchmarks/ is the script's folder
 from transformers import Glm4MoeForCausalLM
 
+from llmcompressor_moe_plugins import parse_mode
 from llmcompressor_moe_plugins.modules.glm4_moe import CalibrationGlm4MoeMoE
 from llmcompressor_moe_plugins.tiny import tiny_glm4_moe_config
 
@@ -39,7 +40,7 @@ SETTINGS = [
 ]
 
 
-MEDIUM = SIZES["medium"]["config"]  # the oneshot benchmark's medium model
+MEDIUM = GLM4_SIZES["medium"]["config"]  # the oneshot benchmark's medium model
 
 
 def block(device, sizes):
@@ -83,8 +84,10 @@ def main() -> None:
         for mode, chunk in SETTINGS:
             if isinstance(chunk, float):
                 chunk = int(chunk * tokens)
-            calibration = CalibrationGlm4MoeMoE(
-                original, model.config, mode=mode, chunk_size=chunk
+            calibration = CalibrationGlm4MoeMoE(original, model.config)
+            # what swap_in_calibration_modules does for each block (floor 0)
+            calibration.configure(
+                "model.layers.1.mlp", parse_mode(mode), chunk_size=chunk
             )
             peak_bytes(calibration, x)  # warm-up (allocator, kernels)
             row[f"{mode} chunk={chunk}"] = peak_bytes(calibration, x)

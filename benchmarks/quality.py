@@ -190,6 +190,15 @@ def calibration_dataset(model_dir: str, budget: int, seed: int):
     )
 
 
+def mode_settings(mode: str) -> dict:
+    """``default``: the plugin's default (affinity:0.1 with its floor); ``M+floor:K``:
+    mode M with a floor of K tokens per expert; else the mode alone (no floor)."""
+    if mode == "default":
+        return {}
+    spec, _, floor = mode.partition("+floor:")
+    return {"mode": spec, **({"floor": int(floor)} if floor else {})}
+
+
 def recipe_file(algorithm: str, mode: str, directory: str) -> str:
     import yaml
 
@@ -199,7 +208,7 @@ def recipe_file(algorithm: str, mode: str, directory: str) -> str:
     modifiers = recipe["default_stage"]["default_modifiers"]
     # starved experts under routed calibration: quantize them round-to-nearest and
     # report it, as a user would, instead of failing the run
-    modifiers["MoECalibrationModifier"] = {"mode": mode, "rtn_fallback": True}
+    modifiers["MoECalibrationModifier"] = {**mode_settings(mode), "rtn_fallback": True}
     path = Path(directory) / f"{algorithm}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return str(path)
