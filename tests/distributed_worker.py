@@ -1,0 +1,264 @@
+"""One rank of a distributed oneshot on CPU, for tests/test_distributed.py.
+
+Run under ``python -m torch.distributed.run --nproc_per_node=N`` (each rank writes
+``rank{R}.pt`` and ``rank{R}.json`` into ``--out``), or as plain ``python`` for the
+single-process reference run. Not collected by pytest (no ``test_`` prefix).
+
+Each rank writes, on success or failure, so the parent sees what happened where:
+``rank{R}.json``: status, error, local and all-reduced coverage; ``rank{R}.pt``: the
+quantized Linears' ``weight``, ``weight_scale`` and ``weight_zero_point``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+QPARAMS = ("weight", "weight_scale", "weight_zero_point")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True, help="JSON lines of input_ids")
+    parser.add_argument("--num-samples", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--mode", default="all")
+    parser.add_argument("--min-tokens", type=int, default=None)
+    parser.add_argument("--rtn-fallback", action="store_true")
+    parser.add_argument("--modifier", choices=["gptq", "shared"], default="gptq")
+    parser.add_argument(
+        "--align",
+        action="store_true",
+        help="apply our fixes: aligned GPTQ Hessians, shared Hessians reduced once",
+    )
+    parser.add_argument(
+        "--load", choices=["plain", "offloaded"], default="plain", help="model loading"
+    )
+    parser.add_argument(
+        "--no-propagate",
+        action="store_true",
+        help="propagate_error=False: every layer sees the unquantized model's "
+        "activations, so routing does not depend on earlier layers' GPTQ noise",
+    )
+    parser.add_argument("--timeout", type=float, default=45.0)
+    return parser.parse_args(argv)
+
+
+def build_recipe(args):
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    from llmcompressor_moe_plugins import MoECalibrationModifier
+    from llmcompressor_moe_plugins.shared_hessian_gptq import (
+        SharedHessianGPTQModifier,
+    )
+
+    kwargs = dict(
+        targets=["Linear"], scheme="W4A16", ignore=["lm_head", r"re:.*mlp\.gate$"]
+    )
+    if args.modifier == "gptq":
+        gptq = GPTQModifier(**kwargs)
+    elif args.align:
+        gptq = AlignedSharedHessianGPTQModifier(**kwargs)
+    else:
+        gptq = SharedHessianGPTQModifier(**kwargs)
+    ours = MoECalibrationModifier(
+        mode=args.mode, min_tokens=args.min_tokens, rtn_fallback=args.rtn_fallback
+    )
+    return [ours, gptq]
+
+
+def _aligned_shared_class():
+    """SharedHessianGPTQModifier with the distributed path proposed for it
+    (distributed.compress_shared_hessians), until its owner wires it in."""
+    from compressed_tensors.offload.dist_utils import is_distributed
+
+    from llmcompressor_moe_plugins import distributed
+    from llmcompressor_moe_plugins.shared_hessian_gptq import (
+        SharedHessianGPTQModifier,
+    )
+
+    class AlignedSharedHessianGPTQModifier(SharedHessianGPTQModifier):
+        def compress_modules(self):
+            if not is_distributed():
+                return super().compress_modules()
+            self._merge_consumed_statistics()
+            distributed.compress_shared_hessians(self)
+            distributed.ensure_same_hessian_order(self)
+            # the parent's loop finds no shared Hessians left; GPTQ's own path
+            return super().compress_modules()
+
+    return AlignedSharedHessianGPTQModifier
+
+
+AlignedSharedHessianGPTQModifier = None
+
+
+@contextlib.contextmanager
+def global_block_coverage(local: dict):
+    """Every per-block coverage record the modifier reads, summed over ranks: what
+    the modifier's own wiring (DISTRIBUTED_NOTES.md, items 2-4) is to achieve,
+    stood in for here by wrapping ``SwappedBlock.coverage``, the one source of
+    block counts for the per-layer check, the passes, the report and the RTN
+    fallback. Every rank reads it at the same points (same blocks, same layers).
+    ``local`` gets this rank's own last counts per block."""
+    from llmcompressor_moe_plugins import distributed
+    from llmcompressor_moe_plugins.context import SwappedBlock
+
+    original = SwappedBlock.coverage
+
+    def coverage(self):
+        block = original(self)
+        local[block.name] = {"routed": block.routed, "calibrated": block.calibrated}
+        return distributed.all_reduce_blocks([block])[0]
+
+    SwappedBlock.coverage = coverage
+    try:
+        yield
+    finally:
+        SwappedBlock.coverage = original
+
+
+def load_model(args):
+    from transformers import AutoModelForCausalLM
+
+    if args.load == "plain":
+        return AutoModelForCausalLM.from_pretrained(args.model)
+    from compressed_tensors.offload import load_offloaded_model
+
+    with load_offloaded_model():
+        return AutoModelForCausalLM.from_pretrained(
+            args.model, device_map="auto_offload"
+        )
+
+
+def load_partition(args):
+    from datasets import load_dataset
+    from llmcompressor.datasets.utils import get_rank_partition
+
+    from llmcompressor_moe_plugins import distributed
+
+    if not args.align:  # upstream's split as documented
+        split = get_rank_partition("train", args.num_samples)
+        return load_dataset("json", data_files=args.data, split=split)
+    split = distributed.rank_partition("train", args.num_samples)
+    with distributed.fail_together("loading the calibration data"):
+        dataset = load_dataset("json", data_files=args.data, split=split)
+    distributed.require_data_on_every_rank(len(dataset))
+    return dataset
+
+
+@contextlib.contextmanager
+def count_hessian_reductions(record: dict):
+    """Count ``dist.reduce`` calls on matrices (Hessians; sample counts are
+    scalars), upstream's and ours alike (both call ``dist.reduce`` by attribute)."""
+    import torch.distributed as dist
+
+    original = dist.reduce
+    record["hessian_reductions"] = 0
+
+    def reduce(tensor, *args, **kwargs):
+        if tensor.dim() == 2:
+            record["hessian_reductions"] += 1
+        return original(tensor, *args, **kwargs)
+
+    dist.reduce = reduce
+    try:
+        yield
+    finally:
+        dist.reduce = original
+
+
+def quantized_state(model) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, module in model.named_modules():
+        if getattr(module, "quantization_scheme", None) is None:
+            continue
+        for attr in QPARAMS:
+            value = getattr(module, attr, None)
+            if value is not None:
+                state[f"{name}.{attr}"] = value.detach().to("cpu").clone()
+    return state
+
+
+def main(argv=None) -> int:
+    global AlignedSharedHessianGPTQModifier
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    rank = int(os.environ.get("RANK", 0))
+    record: dict = {"status": "started"}
+    try:
+        from llmcompressor_moe_plugins import distributed
+
+        if distributed.torchrun_environment() is not None:
+            distributed.init_distributed(
+                timeout=datetime.timedelta(seconds=args.timeout)
+            )
+        rank, world_size = distributed.world()
+        record.update(rank=rank, world_size=world_size)
+        AlignedSharedHessianGPTQModifier = _aligned_shared_class()
+
+        from llmcompressor import oneshot
+        from transformers import AutoTokenizer
+
+        from llmcompressor_moe_plugins import last_coverage_report
+        from llmcompressor_moe_plugins.compat import cpu_only_calibration
+
+        dataset = load_partition(args)
+        record["local_samples"] = len(dataset)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = load_model(args)
+        recipe = build_recipe(args)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(cpu_only_calibration())
+            stack.enter_context(count_hessian_reductions(record))
+            if args.align:
+                stack.enter_context(distributed.aligned_gptq())
+                record["coverage_rank"] = {}
+                stack.enter_context(global_block_coverage(record["coverage_rank"]))
+            oneshot(
+                model=model,
+                processor=tokenizer,
+                dataset=dataset,
+                recipe=recipe,
+                num_calibration_samples=len(dataset),
+                max_seq_length=len(dataset[0]["input_ids"]),
+                batch_size=1,
+                # a fixed order: the one-process reference is then reproducible
+                shuffle_calibration_samples=False,
+                propagate_error=not args.no_propagate,
+            )
+        report = last_coverage_report()
+        record["coverage_local"] = report.to_dict()
+        record["coverage_global"] = distributed.all_reduce_coverage(report).to_dict()
+        torch.save(quantized_state(model), out / f"rank{rank}.pt")
+        record["status"] = "ok"
+        return 0
+    except BaseException as err:
+        record["status"] = "error"
+        record["error_type"] = type(err).__name__
+        record["error"] = str(err)[:2000]
+        record["traceback"] = traceback.format_exc()[-6000:]
+        return 1
+    finally:
+        (out / f"rank{rank}.json").write_text(json.dumps(record, indent=1))
+        with contextlib.suppress(Exception):
+            import torch.distributed as dist
+
+            if dist.is_initialized() and record["status"] == "ok":
+                dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
