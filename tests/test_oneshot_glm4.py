@@ -21,6 +21,9 @@ TOKENS = NUM_SAMPLES * SEQ_LEN
 # smoothing has little to gain on random weights), W8A8 0.014, NVFP4 0.27. The bound
 # catches a zeroed or garbage expert (which moves logits far more), not noise.
 MAX_RELATIVE_ERROR = {"w4a16": 0.35, "w8a8": 0.05, "nvfp4": 0.4}
+# Relative error of each expert's gate_proj weight after GPTQ W4A16; a zeroed
+# expert has 1.0. int4 rounding of random weights: about 0.1.
+MAX_EXPERT_ERROR = {"w4a16": 0.25}
 
 
 @pytest.mark.parametrize(
@@ -51,6 +54,19 @@ def test_glm4_recipe_end_to_end(
     with torch.no_grad():
         in_memory_error = relative_error(model(x).logits, original(x).logits)
     assert in_memory_error < MAX_RELATIVE_ERROR[scheme], in_memory_error
+    # per expert, not only logits (a zeroed expert layer moves them by ~0.13):
+    # GPTQ writes each expert's quantized weights in place, so every one moved by
+    # rounding, none zeroed or left as is. (AWQ and NVFP4 quantize on the fly and
+    # SmoothQuant rescales weights: the scale check before saving covers those.)
+    for layer in (1, 2) if recipe_name == "glm4_moe_w4a16_gptq" else ():
+        fused = original.model.layers[layer].mlp.experts
+        width = fused.gate_up_proj.shape[1] // 2
+        experts = model.model.layers[layer].mlp.experts
+        for expert in range(fused.gate_up_proj.shape[0]):
+            error = relative_error(
+                experts[expert].gate_proj.weight, fused.gate_up_proj[expert, :width]
+            )
+            assert 0 < error < MAX_EXPERT_ERROR[scheme], (layer, expert, error)
     model.save_pretrained(tmp_path, save_compressed=True)
     report = plugins.last_coverage_report()
     assert [b.name for b in report.blocks] == [
