@@ -179,10 +179,12 @@ def expert_weights(model, family):
     return weights
 
 
-# upstream llmcompressor 0.14 saves GPT-OSS's linearized experts as per-expert
-# tensors that transformers 5.17's GptOss loader does not map back (the experts
-# reload uninitialized); the same happens without this plugin
-UPSTREAM_RELOAD_FAILS = {"gpt_oss"}
+# upstream llmcompressor 0.14 saves these families' linearized experts as
+# per-expert tensors that transformers 5.17's loaders do not map back: the experts
+# reload uninitialized. Without this plugin and without quantization too: a
+# linearized model saved with save_pretrained reloads with other expert weights
+# (relative difference 1.41), where Qwen3-MoE's round trip is exact.
+UPSTREAM_RELOAD_FAILS = {"gpt_oss", "mixtral", "granitemoe", "minimax_m2"}
 
 
 @pytest.mark.slow
