@@ -114,6 +114,9 @@ class MoECalibrationModifier(Modifier):
     _coverage_report: CoverageReport | None = PrivateAttr(default=None)
     _rng_state: torch.Tensor | None = PrivateAttr(default=None)
     _fit_changes: list[FitChange] = PrivateAttr(default_factory=list)
+    # resolved once at initialize: oneshot's all-experts flag, which the default
+    # depends on, is off again by finalize
+    _resolved: tuple[str | dict, int, int] | None = PrivateAttr(default=None)
 
     @property
     def coverage_report(self) -> CoverageReport | None:
@@ -151,6 +154,8 @@ class MoECalibrationModifier(Modifier):
         """``mode`` if set, else ``calibrate_all_experts`` (all / routed), else
         routed when oneshot's ``moe_calibrate_all_experts`` is off, else
         :data:`DEFAULT_MODE`."""
+        if self._resolved is not None:
+            return self._resolved[0]
         if self.mode is not None:
             return self.mode
         if self.calibrate_all_experts is not None:
@@ -158,6 +163,8 @@ class MoECalibrationModifier(Modifier):
         return DEFAULT_MODE if get_calibrate_all_experts_flag() else "routed"
 
     def resolved_floor(self) -> int:
+        if self._resolved is not None:
+            return self._resolved[1]
         if self.floor is not None:
             return self.floor
         # a mode the user chose runs as chosen; the default comes with its floor
@@ -165,6 +172,8 @@ class MoECalibrationModifier(Modifier):
         return 0 if chosen else DEFAULT_FLOOR
 
     def resolved_min_tokens(self) -> int:
+        if self._resolved is not None:
+            return self._resolved[2]
         if self.min_tokens is not None:
             return self.min_tokens
         return self.resolved_floor() or 1
@@ -178,6 +187,12 @@ class MoECalibrationModifier(Modifier):
             state.model,
             active_session().lifecycle.recipe.modifiers,
             policy=self.scheme_fit,
+        )
+        self._resolved = None
+        self._resolved = (
+            self.resolved_mode(),
+            self.resolved_floor(),
+            self.resolved_min_tokens(),
         )
         self._passes, self._checked = [], set()
         # the calibration data's order decides which tokens share a forward

@@ -84,6 +84,7 @@ def test_default_mode_calibrates_every_expert_on_the_floor(
     modifier = MoECalibrationModifier()
     run(model, tokenizer, calibration_data, modifier)
     report = modifier.coverage_report
+    assert report.min_tokens == 16  # resolved while oneshot's flag was on
     assert [b.name for b in report.blocks] == [
         "model.layers.1.mlp",
         "model.layers.2.mlp",
