@@ -27,6 +27,7 @@ from loguru import logger
 
 from .base import AUTO_CHUNK, MoECalibrationModule
 from .coverage import BlockCoverage, CalibrationPass, CoverageReport
+from .distributed import world
 from .modes import AllExpertsMode, CalibrationMode, RoutedMode, parse_mode
 from .modules.generic import CalibrationExperts, find_router, is_generic_experts
 from .registry import get_calibration_module, registered_names
@@ -205,12 +206,6 @@ def _construct(module_class: type, original: torch.nn.Module, config, all_mode: 
     return module_class(original, config)
 
 
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
 def swap_in_calibration_modules(
     model: torch.nn.Module,
     calibrate_all_experts: bool = True,
@@ -296,7 +291,7 @@ def swap_in_calibration_modules(
                 floor=block_floor,
                 chunk_size=chunk_size,
                 seed=seed,
-                rank=_rank(),
+                rank=world()[0],
             )
             model.set_submodule(plan.target, replacement)
             swapped.blocks.append(SwappedBlock(plan, original, replacement))

@@ -245,7 +245,8 @@ class MoECalibrationModifier(Modifier):
     def _check(self, blocks: list) -> None:
         # blocks that ran no calibrating forward (our own data-free pass, a layer
         # of another subgraph) have nothing to check yet
-        calibrated = [block for block in blocks if any(block.coverage().routed)]
+        coverages = {id(block): block.coverage() for block in blocks}
+        calibrated = [b for b in blocks if any(coverages[id(b)].routed)]
         if not calibrated:
             return
         self._checked.update(id(block) for block in calibrated)
@@ -253,7 +254,7 @@ class MoECalibrationModifier(Modifier):
         starved = [
             f"{block.name}.experts.{expert}"
             for block in calibrated
-            for expert, count in enumerate(block.coverage().calibrated)
+            for expert, count in enumerate(coverages[id(block)].calibrated)
             if count < min_tokens
         ]
         if starved and not self.rtn_fallback:
