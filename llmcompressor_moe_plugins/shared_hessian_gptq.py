@@ -41,6 +41,7 @@ from llmcompressor.modifiers.gptq.helpers import (
 from loguru import logger
 from pydantic import Field, PrivateAttr
 
+from . import distributed
 from .base import MoECalibrationModule
 from .upstream import global_hooks_attached
 
@@ -195,21 +196,21 @@ class SharedHessianGPTQModifier(GPTQModifier):
 
     def compress_modules(self):
         self._merge_consumed_statistics()
-        for block in list(self._shared_hessians):
-            hessian = self._shared_hessians.pop(block)
-            num_samples = self._shared_num_samples.pop(block)
-            members = self._shared_members[block]
-            stackable = self._row_stackable(members)
-            if is_distributed() or not stackable:
-                # normal path. Single process: members share the Hessian object
-                # (prepare_batch divides into a new tensor). Distributed: upstream
-                # all-reduces each module's Hessian in place, so each needs its own.
-                distributed = is_distributed()
+        if is_distributed():
+            # one reduction per shared Hessian onto an owning rank, not one per
+            # member Linear; the rest takes upstream's (aligned) distributed path
+            distributed.compress_shared_hessians(self)
+            return super().compress_modules()
+        for group in list(self._shared_hessians):
+            hessian = self._shared_hessians.pop(group)
+            num_samples = self._shared_num_samples.pop(group)
+            members = self._shared_members[group]
+            if not self._row_stackable(members):
+                # normal path; members share the Hessian object (prepare_batch
+                # divides into a new tensor)
                 for member in members:
-                    self._hessians[member] = hessian.clone() if distributed else hessian
-                    self._num_samples[member] = (
-                        num_samples.clone() if distributed else num_samples
-                    )
+                    self._hessians[member] = hessian
+                    self._num_samples[member] = num_samples
                 continue
             self._compress_shared(members, hessian / num_samples)
         super().compress_modules()
