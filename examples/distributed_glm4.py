@@ -131,11 +131,10 @@ def main() -> None:
         dataset = load_calibration_slice(args, tokenizer, data_files)
         distributed.require_data_on_every_rank(len(dataset))
 
-        # Our recipe: MoECalibrationModifier + GPTQModifier. aligned_gptq makes
+        # Our recipe: MoECalibrationModifier + GPTQModifier. The plugin makes
         # every rank hand GPTQ the same experts' Hessians in the same order
-        # (ranks route tokens to different experts); cpu_only_calibration is a
-        # no-op on a GPU machine.
-        stack.enter_context(distributed.aligned_gptq())
+        # (ranks route tokens to different experts) and sums its coverage counts
+        # over ranks; cpu_only_calibration is a no-op on a GPU machine.
         stack.enter_context(cpu_only_calibration())
         oneshot(
             model=model,
@@ -148,8 +147,8 @@ def main() -> None:
 
         # every rank takes part in saving (rank 0 writes the files)
         model.save_pretrained(args.output, save_compressed=True)
+        # counts of all ranks: the modifier summed them, on every rank
         report = llmcompressor_moe_plugins.last_coverage_report()
-        report = distributed.all_reduce_coverage(report)  # counts of all ranks
         if rank == 0:
             tokenizer.save_pretrained(args.output)
             report.save_json(Path(args.output) / "coverage.json")

@@ -6,11 +6,17 @@ arguments and recipe, output directory, dataset, model (config only, built on th
 meta device to find its MoE blocks), tokenizer; then it loads the weights,
 calibrates, and saves into a temporary directory that replaces ``--output`` only
 when the save succeeded. Bad input ends with exit code 2 and one line on stderr.
+
+Under ``torchrun`` (``--distributed``, or any launch of more than one process) it
+runs llmcompressor's data-parallel oneshot: every process takes the same checks,
+calibrates on its slice of ``--num-samples`` and takes part in saving; rank 0
+writes the checkpoint and the coverage files and prints the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -30,7 +36,7 @@ from .hub import (
     looks_like_path,
     resolve_model,
 )
-from .logs import cli_logging
+from .logs import cli_logging, set_process
 from .output_dir import (
     OutputDirError,
     atomic_output_dir,
@@ -152,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-dense",
         action="store_true",
         help="quantize a model without MoE blocks anyway (the plugin does nothing)",
+    )
+    quantize.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data-parallel calibration under torchrun (one process per GPU): "
+        "torchrun --nproc_per_node=N -m llmcompressor_moe_plugins quantize "
+        "--distributed ...; --num-samples counts over all processes",
     )
     quantize.add_argument(
         "-v",
@@ -655,10 +668,12 @@ def _save_checkpoint(model, tokenizer, report, directory: Path, source) -> None:
         report.save_heatmap(directory / "coverage.png")
 
 
-def _save_failed_coverage(report, output: Path) -> str:
+def _save_failed_coverage(report, output: Path, rank: int = 0) -> str:
     """Where the coverage of a failed run went: into --output only if that is
-    new or empty (a checkpoint there is kept as it was)."""
+    new or empty (a checkpoint there is kept as it was); rank 0 writes it."""
     if report is None:
+        return ""
+    if rank != 0:  # the error itself is the same on every process
         return ""
     if output.is_dir() and any(output.iterdir()):
         return f" (the existing {output} was left as it was)"
@@ -667,20 +682,93 @@ def _save_failed_coverage(report, output: Path) -> str:
     return f" (coverage report: {output / 'coverage.json'})"
 
 
+@contextlib.contextmanager
+def _distributed_errors_as_cli_errors() -> Iterator[None]:
+    """A bad launch, too few samples for the processes, or a check that failed on
+    another process: one line and exit code 2, on every process."""
+    from .distributed import DistributedSetupError, RankFailedError
+
+    try:
+        yield
+    except (DistributedSetupError, RankFailedError) as err:
+        raise CliError(str(err)) from None
+
+
+def _start_distributed(args: argparse.Namespace) -> tuple[int, int]:
+    """``(rank, world_size)``: joins torchrun's process group with --distributed
+    (an error without torchrun's environment) or when torchrun started more than
+    one process (N processes must not calibrate N full copies); else ``(0, 1)``."""
+    from . import distributed
+
+    if not args.distributed and distributed.torchrun_environment() is None:
+        return 0, 1
+    with _distributed_errors_as_cli_errors():
+        rank, world_size = distributed.maybe_init_distributed(args.distributed)
+    set_process(rank, world_size)
+    if world_size > 1:
+        logger.info(
+            f"torchrun: {world_size} processes calibrate data-parallel, on "
+            f"{args.num_samples} samples in all"
+        )
+    return rank, world_size
+
+
 def quantize_command(args: argparse.Namespace) -> int:
+    # checks first, cheapest first: nothing heavy runs before they all pass
+    _check_arguments(args)
+    rank, world_size = _start_distributed(args)
+    try:
+        return _quantize(args, rank, world_size)
+    finally:
+        if args.distributed or world_size > 1:
+            import torch.distributed as dist
+
+            # after this process's last collective (not itself one)
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _quantize(args: argparse.Namespace, rank: int, world_size: int) -> int:
+    from . import distributed
     from .coverage import UndercalibratedExpertsError
     from .modifier import MoECalibrationModifier
 
-    # checks first, cheapest first: nothing heavy runs before they all pass
-    _check_arguments(args)
-    modifiers = _load_recipe_modifiers(args.recipe, args)
-    output = check_output_dir(args.output, args.overwrite)
-    dataset_source = _dataset_source(args)
+    # the same checks on every process; one that fails on some process only
+    # (a network error) stops all of them, none waits for the others
+    with (
+        _distributed_errors_as_cli_errors(),
+        distributed.fail_together("checking the arguments"),
+    ):
+        modifiers = _load_recipe_modifiers(args.recipe, args)
+        output = check_output_dir(args.output, args.overwrite)
+        dataset_source = _dataset_source(args)
+        if world_size > 1:  # every process gets samples, before anything loads
+            distributed.rank_partition("train", args.num_samples)
 
     with tempfile.TemporaryDirectory(prefix="llmcompressor-moe-") as scratch:
-        source, blocks = _model_source(args, output, Path(scratch))
-        tokenizer = _load_tokenizer(source)
-        dataset = _calibration_dataset(dataset_source, tokenizer, args)
+        with (
+            _distributed_errors_as_cli_errors(),
+            distributed.fail_together("checking the model"),
+        ):
+            source, blocks = _model_source(args, output, Path(scratch), build=rank == 0)
+        if world_size > 1 and args.model is None:
+            # rank 0 built the tiny model; every process reads rank 0's files
+            source = ModelSource(distributed.from_rank0(source and source.reference))
+        with (
+            _distributed_errors_as_cli_errors(),
+            distributed.fail_together("preparing the calibration data"),
+        ):
+            tokenizer = _load_tokenizer(source)
+            dataset = _calibration_dataset(dataset_source, tokenizer, args)
+        num_samples = args.num_samples
+        if world_size > 1 and not isinstance(dataset, str):
+            # this process's slice (a dataset name: oneshot loads the same data
+            # on every process and slices it itself)
+            total = min(args.num_samples, len(dataset))
+            dataset = dataset.select(distributed.rank_slice(total))
+            with _distributed_errors_as_cli_errors():
+                distributed.require_data_on_every_rank(len(dataset))
+            num_samples = len(dataset)
         if not blocks:  # and --allow-dense, else _model_source refused it
             logger.warning(
                 f"No MoE block found in {args.model}: the plugin does nothing; "
@@ -693,23 +781,45 @@ def quantize_command(args: argparse.Namespace) -> int:
             (m for m in modifiers if isinstance(m, MoECalibrationModifier)), None
         )
 
-        model = _load_model(source, blocks, args.model or "the tiny GLM4-MoE")
+        model = _load_model(
+            source, blocks, args.model or "the tiny GLM4-MoE", world_size
+        )
         try:
-            _calibrate(model, tokenizer, dataset, modifiers, args)
+            _calibrate(
+                model, tokenizer, dataset, modifiers, args, num_samples=num_samples
+            )
         except UndercalibratedExpertsError as err:
-            where = _save_failed_coverage(ours.coverage_report, output)
+            # raised on every process at the same layer, from summed counts
+            where = _save_failed_coverage(ours.coverage_report, output, rank)
             raise CliError(f"{err}{where}") from None
         report = ours.coverage_report if ours is not None else None
 
-        for leftover in leftover_temp_dirs(output):
-            logger.warning(
-                f"{leftover} was left by an interrupted run; delete it unless "
-                "another run is writing there"
-            )
-        logger.info(f"Saving the quantized model to {output}")
-        with atomic_output_dir(output, args.overwrite) as staging:
-            _save_checkpoint(model, tokenizer, report, staging, source)
+        if rank == 0:
+            for leftover in leftover_temp_dirs(output):
+                logger.warning(
+                    f"{leftover} was left by an interrupted run; delete it unless "
+                    "another run is writing there"
+                )
+            logger.info(f"Saving the quantized model to {output}")
+        with contextlib.ExitStack() as stack:
+            # every process takes part in compressing the shared weights
+            # (collectives); rank 0 writes
+            with (
+                _distributed_errors_as_cli_errors(),
+                distributed.fail_together("creating the output directory"),
+            ):
+                staging = (
+                    stack.enter_context(atomic_output_dir(output, args.overwrite))
+                    if rank == 0
+                    else None
+                )
+            if staging is not None:
+                _save_checkpoint(model, tokenizer, report, staging, source)
+            else:  # the directory is not written on ranks other than 0
+                model.save_pretrained(Path(scratch) / "unused", save_compressed=True)
 
+    if rank != 0:
+        return 0
     if report is None:
         print(f"Quantized model (dense: no coverage report) written to {output}")
         return 0
@@ -721,16 +831,19 @@ def quantize_command(args: argparse.Namespace) -> int:
 
 
 def _model_source(
-    args: argparse.Namespace, output: Path, scratch: Path
-) -> tuple[ModelSource, list[str]]:
+    args: argparse.Namespace, output: Path, scratch: Path, build: bool = True
+) -> tuple[ModelSource | None, list[str]]:
     """The model to load and its MoE block classes, checked from its config
     alone (modules built on the meta device); the embedded tiny model is built
-    in ``scratch`` once the checks pass."""
+    in ``scratch`` once the checks pass (unless ``build`` is False: then the
+    source is None)."""
     if args.model is None:
         from .tiny import build_tiny_glm4_moe, tiny_glm4_moe_config, train_tokenizer
 
         blocks = _moe_block_classes(_meta_model(tiny_glm4_moe_config(), "tiny"))
         _check_moe_blocks(blocks, args, "tiny")
+        if not build:
+            return None, blocks
         logger.info("No --model: building a tiny GLM4-MoE and its tokenizer")
         tiny = build_tiny_glm4_moe(
             scratch / "tiny-glm4-moe", tokenizer=train_tokenizer()
@@ -748,33 +861,51 @@ def _model_source(
     return source, blocks
 
 
-def _load_model(source: ModelSource, blocks: list[str], label: str):
+def _load_model(
+    source: ModelSource, blocks: list[str], label: str, world_size: int = 1
+):
     from transformers import AutoModelForCausalLM
 
     if source.on_hub:
         label = source.describe()
     classes = ", ".join(dict.fromkeys(blocks)) or "none"
     logger.info(f"Loading {label} ({len(blocks)} MoE block(s) of class {classes})")
-    return AutoModelForCausalLM.from_pretrained(
-        source.reference, **source.pretrained_kwargs()
-    )
+    if world_size == 1:
+        return AutoModelForCausalLM.from_pretrained(
+            source.reference, **source.pretrained_kwargs()
+        )
+    from compressed_tensors.offload import load_offloaded_model
+
+    # rank 0 reads the checkpoint into shared CPU memory, the others map it: one
+    # copy of the weights in RAM however many processes
+    with load_offloaded_model():
+        return AutoModelForCausalLM.from_pretrained(
+            source.reference, device_map="auto_offload", **source.pretrained_kwargs()
+        )
 
 
-def _calibrate(model, tokenizer, dataset, modifiers, args) -> None:
+def _calibrate(
+    model, tokenizer, dataset, modifiers, args, num_samples: int | None = None
+) -> None:
+    """``num_samples``: this process's (its slice under torchrun); default
+    ``--num-samples``."""
     from llmcompressor import oneshot
 
     from .compat import cpu_only_calibration
+    from .upstream import keep_logging_configuration
 
+    num_samples = args.num_samples if num_samples is None else num_samples
+    share = "" if num_samples == args.num_samples else f" ({num_samples} here)"
     logger.info(
-        f"Calibrating with {args.recipe} on {args.num_samples} samples x "
+        f"Calibrating with {args.recipe} on {args.num_samples} samples{share} x "
         f"{args.seq_len} tokens"
     )
-    with cpu_only_calibration():
+    with cpu_only_calibration(), keep_logging_configuration():
         oneshot(
             model=model,
             processor=tokenizer,
             dataset=dataset,
             recipe=modifiers,
-            num_calibration_samples=args.num_samples,
+            num_calibration_samples=num_samples,
             max_seq_length=args.seq_len,
         )

@@ -84,6 +84,7 @@ __all__ = [
     "ensure_same_hessian_order",
     "reduce_to_owners",
     "wait_for_all_ranks",
+    "from_rank0",
     "install_aligned_gptq",
     "aligned_gptq",
     "compress_shared_hessians",
@@ -509,6 +510,16 @@ def wait_for_all_ranks() -> None:
     run without it, 0.01% with it)."""
     if is_distributed():
         dist.barrier()
+
+
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` (picklable) on every rank; one process: ``value``. For
+    what rank 0 alone creates, e.g. the path of a model it built."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _aligned_compress_modules(original: Callable) -> Callable:

@@ -9,6 +9,10 @@ line says how many repeats were hidden.
 
 Verbose: every loguru record at DEBUG, every Python warning, transformers,
 datasets and huggingface_hub logging at INFO.
+
+Under torchrun (:func:`set_process`): every line names its process, and processes
+other than rank 0 show warnings and errors only (rank 0's stage lines stand for
+all of them).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from loguru import logger
 # (``llmcompressor.logger`` the attribute is loguru's logger, not the module.)
 _upstream = importlib.import_module("llmcompressor.logger")
 
-__all__ = ["cli_logging", "ConsoleFilter"]
+__all__ = ["cli_logging", "ConsoleFilter", "set_process"]
 
 OUR_PACKAGE = __name__.rpartition(".")[0]
 _PYTHON_LOGGERS = ("transformers", "datasets", "huggingface_hub", "torch", "accelerate")
@@ -45,6 +49,7 @@ class ConsoleFilter:
         self.verbose = verbose
         self.seen: set[tuple[str, str]] = set()
         self.repeats = 0
+        self.rank: int | None = None  # under torchrun: this process's rank
 
     def first_time(self, kind: str, text: str) -> bool:
         """False (and counted) for a warning text already shown this run."""
@@ -61,7 +66,7 @@ class ConsoleFilter:
         level = record["level"]
         if level.name == "METRIC":  # llmcompressor: two lines per quantized Linear
             return False
-        floor = _INFO if _is_ours(record["name"]) else _WARNING
+        floor = _INFO if _is_ours(record["name"]) and not self.rank else _WARNING
         if level.no < floor:
             return False
         if level.no >= _WARNING:
@@ -69,8 +74,11 @@ class ConsoleFilter:
         return True
 
 
-def _format(verbose: bool):
+def _format(console: ConsoleFilter):
+    verbose = console.verbose
+
     def format_record(record: dict[str, Any]) -> str:
+        prefix = "" if console.rank is None else f"[rank {console.rank}] "
         if verbose:
             line = "{time:YYYY-MM-DDTHH:mm:ss.SSS} | {name}:{function} | {level} - "
         elif record["level"].no < _WARNING:
@@ -78,7 +86,7 @@ def _format(verbose: bool):
         else:
             source = (record["name"] or "?").partition(".")[0]
             line = "{time:HH:mm:ss} {level} (" + source.replace("{", "") + ") "
-        line += "{message}\n"
+        line = prefix + line + "{message}\n"
         if record["exception"] is not None:
             line += "{exception}\n"
         return line
@@ -116,11 +124,21 @@ def _mark_import_time_warnings(console: ConsoleFilter) -> None:
         logger.remove(handler_id)
 
 
+_active: ConsoleFilter | None = None
+
+
+def set_process(rank: int, world_size: int) -> None:
+    """The running CLI is process ``rank`` of ``world_size`` (torchrun)."""
+    if _active is not None and world_size > 1:
+        _active.rank = rank
+
+
 @contextlib.contextmanager
 def cli_logging(verbose: bool = False) -> Iterator[ConsoleFilter]:
     """Console output for one CLI run; upstream's loguru set-up is put back on
     exit (the CLI may run inside another program, e.g. a test)."""
-    console = ConsoleFilter(verbose)
+    global _active
+    console = _active = ConsoleFilter(verbose)
     logger.remove()
     _mark_import_time_warnings(console)
     logger.enable("llmcompressor")
@@ -128,7 +146,7 @@ def cli_logging(verbose: bool = False) -> Iterator[ConsoleFilter]:
     handler_id = logger.add(
         lambda message: sys.stderr.write(message),  # the stderr of the moment
         level=0,
-        format=_format(verbose),
+        format=_format(console),
         filter=console,
         colorize=False,
     )
@@ -166,5 +184,7 @@ def cli_logging(verbose: bool = False) -> Iterator[ConsoleFilter]:
             handler.removeFilter(log_filter)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
-        logger.remove(handler_id)
+        with contextlib.suppress(ValueError):  # gone if upstream reset loguru
+            logger.remove(handler_id)
+        _active = None
         _upstream.configure_logger(_upstream.LOGGER_CONFIG)

@@ -15,10 +15,17 @@ List it first in a recipe, before ``GPTQModifier``/``AWQModifier``/... Lifecycle
 
 It needs no data, so llmcompressor gives it the data-free pipeline: it adds no
 calibration pass.
+
+Under torchrun (llmcompressor's data-parallel oneshot) every decision above is
+taken from coverage counts summed over the processes, so every process decides the
+same (same error at the same layer, same RTN list) and the report is that of one
+process on the same data; a floor is split between the processes
+(``distributed.py``). In one process those calls do nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,13 +37,13 @@ from llmcompressor.modifiers.factory import ModifierFactory
 from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 
-from . import upstream
+from . import distributed, upstream
 from .base import AUTO_CHUNK
 from .checkpoint_check import check_quantized_tensors
 from .context import SwappedBlocks, swap_in_calibration_modules
 from .coverage import CalibrationPass, CoverageReport, UndercalibratedExpertsError
 from .fit import FitChange, FitPolicy, fit_schemes_to_model
-from .modes import parse_mode
+from .modes import MinTokensMode, parse_mode
 from .rtn import fill_starved_activation_qparams, quantize_round_to_nearest
 from .seeding import restore_global_rng, seed_calibration_order
 
@@ -117,6 +124,9 @@ class MoECalibrationModifier(Modifier):
     # resolved once at initialize: oneshot's all-experts flag, which the default
     # depends on, is off again by finalize
     _resolved: tuple[str | dict, int, int] | None = PrivateAttr(default=None)
+    # set when the per-layer check stopped the run: it raised on every rank at
+    # the same point, so the failure's report may still be summed over ranks
+    _stopped_by_check: bool = PrivateAttr(default=False)
 
     @property
     def coverage_report(self) -> CoverageReport | None:
@@ -195,15 +205,21 @@ class MoECalibrationModifier(Modifier):
             self.resolved_min_tokens(),
         )
         self._passes, self._checked = [], set()
+        self._stopped_by_check = False
         # the calibration data's order decides which tokens share a forward
         self._rng_state = seed_calibration_order(
             self.seed, getattr(state.data, "calib", None)
         )
+        # floors act inside forwards, per process: under torchrun each process
+        # tops up to its share, so the sum over processes reaches the floor
         self._swapped = swap_in_calibration_modules(
             state.model,
-            mode=self.resolved_mode(),
-            block_modes=self.block_modes,
-            floor=self.resolved_floor(),
+            mode=_local_share_of_mode(self.resolved_mode()),
+            block_modes={
+                name: _local_share_of_mode(spec)
+                for name, spec in self.block_modes.items()
+            },
+            floor=distributed.local_share(self.resolved_floor()),
             chunk_size=self.chunk_size,
             seed=self.seed,
             mode_is_default=self._mode_is_default(),
@@ -238,14 +254,19 @@ class MoECalibrationModifier(Modifier):
         restore_global_rng(self._rng_state)
         if self._swapped is not None:
             swapped, self._swapped = self._swapped, None
-            self._keep_report(swapped)
+            # a rank that failed on its own must not enter a collective the others
+            # never reach: then this report holds this rank's counts only
+            self._keep_report(swapped, reduce=self._stopped_by_check)
             swapped.restore()
             logger.info("Restored the original MoE blocks after the failed run")
 
     def _check(self, blocks: list) -> None:
+        # counts summed over ranks first (torchrun), so that every rank decides
+        # the same, from the sums only: the same error on every rank, same layer
+        summed = distributed.all_reduce_blocks([block.coverage() for block in blocks])
+        coverages = {id(block): cov for block, cov in zip(blocks, summed, strict=True)}
         # blocks that ran no calibrating forward (our own data-free pass, a layer
         # of another subgraph) have nothing to check yet
-        coverages = {id(block): block.coverage() for block in blocks}
         calibrated = [b for b in blocks if any(coverages[id(b)].routed)]
         if not calibrated:
             return
@@ -258,6 +279,7 @@ class MoECalibrationModifier(Modifier):
             if count < min_tokens
         ]
         if starved and not self.rtn_fallback:
+            self._stopped_by_check = True
             raise UndercalibratedExpertsError(
                 starved, min_tokens, hint=self._starved_hint()
             )
@@ -276,11 +298,18 @@ class MoECalibrationModifier(Modifier):
             "rtn_fallback: true to quantize these experts round-to-nearest."
         )
 
-    def _close_pass(self, swapped: SwappedBlocks | None = None) -> None:
+    def _close_pass(
+        self, swapped: SwappedBlocks | None = None, reduce: bool = True
+    ) -> None:
+        """Keep the pass's counts (summed over ranks unless ``reduce`` is False:
+        every rank must then call it at the same point) and reset them."""
         swapped = swapped or self._swapped
         if swapped is None:
             return
         current = swapped.coverage_pass(self._pass_label)
+        if reduce:
+            distributed.all_reduce_blocks(current.blocks)
+        self._report_global_floors(current.blocks)
         # blocks that never ran in this pass (a run that stopped at an earlier
         # layer) have nothing to report
         current.blocks = [block for block in current.blocks if any(block.routed)]
@@ -289,9 +318,25 @@ class MoECalibrationModifier(Modifier):
         swapped.reset_counts()
         self._checked.clear()
 
-    def _keep_report(self, swapped: SwappedBlocks) -> CoverageReport:
+    def _report_global_floors(self, blocks: list) -> None:
+        """The report names the floor (and ``min_tokens:K``) of the run, not each
+        rank's share of it (``distributed.local_share``)."""
+        if distributed.world()[1] == 1:
+            return
+        floor = self.resolved_floor()
+        for block in blocks:
+            if floor and block.floor == distributed.local_share(floor):
+                block.floor = floor
+            spec = self.block_modes.get(block.block_class, self.resolved_mode())
+            mode = parse_mode(spec)
+            if block.mode == parse_mode(_local_share_of_mode(spec)).spec():
+                block.mode = mode.spec()
+
+    def _keep_report(
+        self, swapped: SwappedBlocks, reduce: bool = True
+    ) -> CoverageReport:
         global _last_report
-        self._close_pass(swapped)
+        self._close_pass(swapped, reduce=reduce)
         report = CoverageReport(
             passes=list(self._passes), min_tokens=self.resolved_min_tokens()
         )
@@ -307,6 +352,8 @@ class MoECalibrationModifier(Modifier):
         report = self._keep_report(swapped)
         swapped.restore()
         if report.passes:
+            # global (summed over ranks): every rank quantizes the same experts
+            # and writes the same values into the shared weights
             starved = report.undercalibrated()
             if starved and self.rtn_fallback:
                 modules = dict(state.model.named_modules())
@@ -324,10 +371,28 @@ class MoECalibrationModifier(Modifier):
                         else ""
                     )
                 )
+        # no rank reads (or saves) the weights before every rank wrote them
+        distributed.wait_for_all_ranks()
         # a NaN, Inf or zero scale must stop the run before oneshot saves it
         check_quantized_tensors(state.model)
-        upstream.after_save(lambda directory: save_coverage_files(report, directory))
+        if distributed.world()[0] == 0:  # every rank saves; rank 0 writes
+            upstream.after_save(
+                lambda directory: save_coverage_files(report, directory)
+            )
         return True
+
+
+def _local_share_of_mode(spec: ModeSpec) -> ModeSpec:
+    """``min_tokens:K`` as this rank's share of K under torchrun (its top-ups run
+    inside forwards, per rank); any other mode, or one process: ``spec``."""
+    if distributed.world()[1] == 1:
+        return spec
+    mode = parse_mode(spec)
+    if isinstance(mode, MinTokensMode):
+        return dataclasses.replace(
+            mode, min_tokens=distributed.local_share(mode.min_tokens)
+        )
+    return spec
 
 
 ModifierFactory.register("MoECalibrationModifier", MoECalibrationModifier)

@@ -20,13 +20,25 @@ Why each is needed:
   finalized), and no hook runs after it; the coverage report belongs beside the
   checkpoint, so ``post_process`` is wrapped to run the callbacks queued with
   :func:`after_save` once the checkpoint is written.
+- Under torchrun (``distributed.py``; no-ops in one process): GPTQ's Hessian
+  reduction is positional, so ``GPTQModifier.compress_modules`` first gives every
+  rank the same Hessians in the same order and afterwards waits for all ranks
+  (``distributed.install_aligned_gptq``); and every layer's
+  ``sequential_epoch_end`` ends with a barrier, because upstream skips the
+  broadcast of CPU-executed modules' qparams and nothing else stops a rank from
+  propagating through a layer another rank is still writing (GPTQ and
+  ``QuantizationModifier`` alike; benchmarks/DISTRIBUTED_NOTES.md, F3/F4).
+- Logging under torchrun: oneshot's ``pre_process`` replaces every loguru handler
+  with its own (``configure_distributed_logger``); the CLI keeps its console
+  set-up through :func:`keep_logging_configuration`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import torch
@@ -34,6 +46,8 @@ from llmcompressor.core import LifecycleCallbacks, active_session
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
 from torch.nn.modules import module as module_hooks
+
+from . import distributed
 
 __all__ = [
     "hooks_enabled",
@@ -46,6 +60,7 @@ __all__ = [
     "remove_listener",
     "current_modifier_names",
     "after_save",
+    "keep_logging_configuration",
     "install",
 ]
 
@@ -130,14 +145,23 @@ def current_modifier_names() -> list[str]:
     return [type(modifier).__name__ for modifier in modifiers]
 
 
-def _wrap_callback(name: str, before: Callable[..., None]) -> None:
+def _wrap_callback(
+    name: str,
+    before: Callable[..., None],
+    after: Callable[[], None] | None = None,
+) -> None:
+    """Call ``before(listener, ...)`` for every listener, then the original, then
+    ``after()`` (whether or not listeners are registered)."""
     original = getattr(LifecycleCallbacks, name).__func__
 
     @functools.wraps(original)
     def wrapped(cls, *args, **kwargs):
         for listener in list(_listeners):
             before(listener, *args, **kwargs)
-        return original(cls, *args, **kwargs)
+        result = original(cls, *args, **kwargs)
+        if after is not None:
+            after()
+        return result
 
     wrapped.__moe_plugins_wrapped__ = True
     setattr(LifecycleCallbacks, name, classmethod(wrapped))
@@ -193,8 +217,23 @@ def _wrap_post_process() -> None:
     oneshot_module.post_process = wrapped
 
 
+@contextlib.contextmanager
+def keep_logging_configuration() -> Iterator[None]:
+    """While active, a distributed oneshot leaves loguru's handlers as they are
+    (upstream removes them all and logs every INFO line of every rank to stdout;
+    ``llmcompressor/entrypoints/utils.py``, ``pre_process``)."""
+    entrypoint_utils = importlib.import_module("llmcompressor.entrypoints.utils")
+    original = entrypoint_utils.configure_distributed_logger
+    entrypoint_utils.configure_distributed_logger = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        entrypoint_utils.configure_distributed_logger = original
+
+
 def install() -> None:
     """Wrap the lifecycle entry points once (idempotent)."""
+    distributed.install_aligned_gptq()
     start = LifecycleCallbacks.calibration_start.__func__
     if getattr(start, "__moe_plugins_wrapped__", False):
         return
@@ -205,6 +244,9 @@ def install() -> None:
     _wrap_callback(
         "sequential_epoch_end",
         lambda listener, modules, **_: listener.on_layer_calibrated(modules),
+        # the layer's qparams are written (on CPU: straight into shared memory)
+        # before any rank propagates through it; no-op in one process
+        after=lambda: distributed.wait_for_all_ranks(),
     )
     _wrap_callback("calibration_end", lambda listener, **_: listener.on_pass_end())
     _wrap_apply_recipe_modifiers()

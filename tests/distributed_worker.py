@@ -5,8 +5,13 @@ Run under ``python -m torch.distributed.run --nproc_per_node=N`` (each rank writ
 single-process reference run. Not collected by pytest (no ``test_`` prefix).
 
 Each rank writes, on success or failure, so the parent sees what happened where:
-``rank{R}.json``: status, error, local and all-reduced coverage; ``rank{R}.pt``: the
-quantized Linears' ``weight``, ``weight_scale`` and ``weight_zero_point``.
+``rank{R}.json``: status, error, the coverage report (the modifier sums it over
+ranks itself) and this rank's own counts; ``rank{R}.pt``: the quantized Linears'
+``weight``, ``weight_scale`` and ``weight_zero_point``.
+
+The plugin as shipped: ``MoECalibrationModifier`` and ``SharedHessianGPTQModifier``
+do everything distributed themselves (aligned GPTQ Hessians, barriers, counts summed
+over ranks); the worker adds nothing but observation.
 """
 
 from __future__ import annotations
@@ -36,11 +41,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rtn-fallback", action="store_true")
     parser.add_argument("--modifier", choices=["gptq", "shared"], default="gptq")
     parser.add_argument(
-        "--align",
-        action="store_true",
-        help="apply our fixes: aligned GPTQ Hessians, shared Hessians reduced once",
-    )
-    parser.add_argument(
         "--load", choices=["plain", "offloaded"], default="plain", help="model loading"
     )
     parser.add_argument(
@@ -66,8 +66,6 @@ def build_recipe(args):
     )
     if args.modifier == "gptq":
         gptq = GPTQModifier(**kwargs)
-    elif args.align:
-        gptq = AlignedSharedHessianGPTQModifier(**kwargs)
     else:
         gptq = SharedHessianGPTQModifier(**kwargs)
     ours = MoECalibrationModifier(
@@ -76,55 +74,29 @@ def build_recipe(args):
     return [ours, gptq]
 
 
-def _aligned_shared_class():
-    """SharedHessianGPTQModifier with the distributed path proposed for it
-    (distributed.compress_shared_hessians), until its owner wires it in."""
-    from compressed_tensors.offload.dist_utils import is_distributed
-
-    from llmcompressor_moe_plugins import distributed
-    from llmcompressor_moe_plugins.shared_hessian_gptq import (
-        SharedHessianGPTQModifier,
-    )
-
-    class AlignedSharedHessianGPTQModifier(SharedHessianGPTQModifier):
-        def compress_modules(self):
-            if not is_distributed():
-                return super().compress_modules()
-            self._merge_consumed_statistics()
-            distributed.compress_shared_hessians(self)
-            distributed.ensure_same_hessian_order(self)
-            # the parent's loop finds no shared Hessians left; GPTQ's own path
-            return super().compress_modules()
-
-    return AlignedSharedHessianGPTQModifier
-
-
-AlignedSharedHessianGPTQModifier = None
-
-
 @contextlib.contextmanager
-def global_block_coverage(local: dict):
-    """Every per-block coverage record the modifier reads, summed over ranks: what
-    the modifier's own wiring (DISTRIBUTED_NOTES.md, items 2-4) is to achieve,
-    stood in for here by wrapping ``SwappedBlock.coverage``, the one source of
-    block counts for the per-layer check, the passes, the report and the RTN
-    fallback. Every rank reads it at the same points (same blocks, same layers).
-    ``local`` gets this rank's own last counts per block."""
+def rank_counts(local: dict):
+    """This rank's own per-block counts, as the modifier hands them to
+    ``distributed.all_reduce_blocks`` (the last call per block: the pass's
+    totals), before they are summed."""
     from llmcompressor_moe_plugins import distributed
-    from llmcompressor_moe_plugins.context import SwappedBlock
 
-    original = SwappedBlock.coverage
+    original = distributed.all_reduce_blocks
 
-    def coverage(self):
-        block = original(self)
-        local[block.name] = {"routed": block.routed, "calibrated": block.calibrated}
-        return distributed.all_reduce_blocks([block])[0]
+    def all_reduce_blocks(blocks):
+        for block in blocks:
+            if getattr(block, "world_size", 1) == 1:
+                local[block.name] = {
+                    "routed": list(block.routed),
+                    "calibrated": list(block.calibrated),
+                }
+        return original(blocks)
 
-    SwappedBlock.coverage = coverage
+    distributed.all_reduce_blocks = all_reduce_blocks
     try:
         yield
     finally:
-        SwappedBlock.coverage = original
+        distributed.all_reduce_blocks = original
 
 
 def load_model(args):
@@ -142,13 +114,9 @@ def load_model(args):
 
 def load_partition(args):
     from datasets import load_dataset
-    from llmcompressor.datasets.utils import get_rank_partition
 
     from llmcompressor_moe_plugins import distributed
 
-    if not args.align:  # upstream's split as documented
-        split = get_rank_partition("train", args.num_samples)
-        return load_dataset("json", data_files=args.data, split=split)
     split = distributed.rank_partition("train", args.num_samples)
     with distributed.fail_together("loading the calibration data"):
         dataset = load_dataset("json", data_files=args.data, split=split)
@@ -190,7 +158,6 @@ def quantized_state(model) -> dict[str, torch.Tensor]:
 
 
 def main(argv=None) -> int:
-    global AlignedSharedHessianGPTQModifier
     args = parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -207,7 +174,6 @@ def main(argv=None) -> int:
             )
         rank, world_size = distributed.world()
         record.update(rank=rank, world_size=world_size)
-        AlignedSharedHessianGPTQModifier = _aligned_shared_class()
 
         from llmcompressor import oneshot
         from transformers import AutoTokenizer
@@ -223,10 +189,8 @@ def main(argv=None) -> int:
         with contextlib.ExitStack() as stack:
             stack.enter_context(cpu_only_calibration())
             stack.enter_context(count_hessian_reductions(record))
-            if args.align:
-                stack.enter_context(distributed.aligned_gptq())
-                record["coverage_rank"] = {}
-                stack.enter_context(global_block_coverage(record["coverage_rank"]))
+            record["coverage_rank"] = {}
+            stack.enter_context(rank_counts(record["coverage_rank"]))
             oneshot(
                 model=model,
                 processor=tokenizer,
@@ -240,7 +204,8 @@ def main(argv=None) -> int:
                 propagate_error=not args.no_propagate,
             )
         report = last_coverage_report()
-        record["coverage_local"] = report.to_dict()
+        record["coverage"] = report.to_dict()
+        # summed by the modifier already: summing again must change nothing
         record["coverage_global"] = distributed.all_reduce_coverage(report).to_dict()
         torch.save(quantized_state(model), out / f"rank{rank}.pt")
         record["status"] = "ok"

@@ -157,6 +157,22 @@ def test_negative_thresholds_in_modes_are_refused(
     assert f"--mode {spec}:" in error_line(capsys)
 
 
+def test_distributed_without_torchrun_names_the_missing_variables(
+    tmp_path, capsys, monkeypatch, no_heavy_work
+):
+    from llmcompressor_moe_plugins.distributed import TORCHRUN_VARIABLES
+
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    output = tmp_path / "out"
+    assert main(["quantize", "--distributed", "--output", str(output)]) == 2
+    line = error_line(capsys)
+    assert "RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not set" in line
+    assert "torchrun --nproc_per_node=N" in line
+    assert not output.exists()
+    assert not torch.distributed.is_initialized()
+
+
 def test_recipe_without_quantization_modifier(tmp_path, capsys, no_heavy_work):
     recipe = tmp_path / "smooth_only.yaml"
     recipe.write_text(

@@ -280,13 +280,14 @@ def test_two_ranks_all_experts_match_one_process(oneshot_inputs, tmp_path, modif
     options = ["--num-samples", str(NUM_SAMPLES), "--mode", "all"]
     options += ["--modifier", modifier]
     [reference] = run_oneshot(oneshot_inputs, tmp_path / "one", 1, *options)
-    ranks = run_oneshot(oneshot_inputs, tmp_path / "two", 2, *options, "--align")
+    ranks = run_oneshot(oneshot_inputs, tmp_path / "two", 2, *options)
 
     assert [r["local_samples"] for r in ranks] == [4, 4]
     assert_ranks_hold_the_same_model(tmp_path / "two", 2)
     flips = int4_flips(weights(tmp_path / "one"), weights(tmp_path / "two"))
     # measured: 0.01% (plain GPTQ), 0 (shared); without the barrier after
-    # compression (aligned_gptq) 9%, from ranks propagating half-written layers
+    # compression (install_aligned_gptq) 9%, from ranks propagating half-written
+    # layers
     assert flips < 0.002, flips
     # 7 Linears in the dense layer, 4 + 16 x 3 + 3 per MoE layer; shared
     # Hessians replace 34 input projections per MoE layer with one reduction
@@ -295,8 +296,9 @@ def test_two_ranks_all_experts_match_one_process(oneshot_inputs, tmp_path, modif
     # coverage: 'all' calibrates every expert on every token, on either side;
     # routed counts of later layers follow the quantized earlier layers, whose
     # GPTQ noise can flip a near-tie (exact equality: the routed test below)
-    ours = last_pass(ranks[0]["coverage_global"])
-    theirs = last_pass(reference["coverage_global"])
+    assert ranks[0]["coverage"] == ranks[1]["coverage"]
+    ours = last_pass(ranks[0]["coverage"])
+    theirs = last_pass(reference["coverage"])
     for block, expected in zip(ours, theirs, strict=True):
         assert block["calibrated"] == expected["calibrated"]
         assert sum(block["routed"]) == sum(expected["routed"])
@@ -309,20 +311,22 @@ def test_two_ranks_all_experts_match_one_process(oneshot_inputs, tmp_path, modif
 def test_two_ranks_routed_match_one_process(oneshot_inputs, tmp_path):
     """Mode 'routed': ranks call different experts in different orders. Upstream
     alone then deadlocks or sums different experts' Hessians (rank 0 waited in
-    gptq/base.py:389 while rank 1 went on). Aligned, and with the coverage counts
-    summed over ranks where the modifier reads them, the report (starved experts
-    and RTN fallback included) equals the one-process run's exactly and so do the
-    weights, up to GPTQ noise. Each layer sees unquantized activations
+    gptq/base.py:389 while rank 1 went on). With the plugin (aligned Hessians,
+    coverage counts summed over ranks by the modifier), the report (starved
+    experts and RTN fallback included) equals the one-process run's exactly and
+    so do the weights, up to GPTQ noise. Each layer sees unquantized activations
     (propagate_error=False), so routing, and with it each expert's tokens, is the
     same in both runs."""
     options = ["--num-samples", str(NUM_SAMPLES), "--mode", "routed"]
     options += ["--rtn-fallback", "--no-propagate"]
     [reference] = run_oneshot(oneshot_inputs, tmp_path / "one", 1, *options)
-    ranks = run_oneshot(oneshot_inputs, tmp_path / "two", 2, *options, "--align")
+    ranks = run_oneshot(oneshot_inputs, tmp_path / "two", 2, *options)
 
     assert_ranks_hold_the_same_model(tmp_path / "two", 2)
     for result in ranks:
-        assert result["coverage_global"] == reference["coverage_global"]
+        # the modifier's own report is global (summing it again changes nothing)
+        assert result["coverage"] == reference["coverage"]
+        assert result["coverage_global"] == result["coverage"]
     # this data starves some experts on every rank (RTN for both runs) and the
     # ranks calibrated different experts: the case that needs the alignment
     assert reference["coverage_global"]["rtn_fallback"]
@@ -336,7 +340,6 @@ def test_two_ranks_sampled_mode_is_reproducible(oneshot_inputs, tmp_path):
     """'affinity' draws per block and rank (seeded): two 2-rank runs on the same
     data give the same coverage and bit-identical weights."""
     options = ["--num-samples", str(NUM_SAMPLES), "--mode", "affinity:0.25"]
-    options += ["--align"]
     first = run_oneshot(oneshot_inputs, tmp_path / "first", 2, *options)
     again = run_oneshot(oneshot_inputs, tmp_path / "again", 2, *options)
     assert first[0]["coverage_global"] == again[0]["coverage_global"]
@@ -354,9 +357,124 @@ def test_empty_partition_fails_on_every_rank(oneshot_inputs, tmp_path):
     out = tmp_path / "empty"
     argv = [sys.executable, str(HERE / "distributed_worker.py")]
     argv += ["--model", str(model), "--data", str(data), "--out", str(out)]
-    argv += ["--num-samples", "1", "--align", "--timeout", "30"]
+    argv += ["--num-samples", "1", "--timeout", "30"]
     codes = run_ranks(argv, 2, out / "logs", ONESHOT_DEADLINE_S)
     assert codes == [1, 1]
     for result in rank_results(out, 2):
         assert result["error_type"] == "DistributedSetupError"
         assert "leave rank(s) 0 with none" in result["error"]
+
+
+# -- the CLI under torchrun ---------------------------------------------------------
+
+CLI_SAMPLES = 4
+ERROR = "llmcompressor-moe: error: "
+
+
+def cli_argv(output: Path, *options: str) -> list[str]:
+    """``llmcompressor-moe quantize`` on the built-in tiny GLM4-MoE, mode 'all'
+    (every expert calibrated on every token: counts comparable across runs)."""
+    return [
+        "-m", "llmcompressor_moe_plugins", "quantize", "--output", str(output),
+        "--num-samples", str(CLI_SAMPLES), "--seq-len", "64", "--mode", "all",
+        *options,
+    ]  # fmt: skip
+
+
+def run_torchrun(argv: list[str], nproc: int, cwd: Path, deadline: float):
+    """``python -m torch.distributed.run --standalone`` (a free port of its own);
+    the whole process group is killed at the deadline."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc_per_node={nproc}", *argv]
+    proc = subprocess.Popen(
+        command,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=deadline)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun still running after {deadline} s (hang?)\n{stderr}")
+    return proc.returncode, stdout, stderr
+
+
+@pytest.mark.slow
+def test_cli_distributed_matches_one_process(tmp_path):
+    """``torchrun --nproc_per_node=2 -m llmcompressor_moe_plugins quantize
+    --distributed``: one checkpoint with its coverage files, written by rank 0,
+    the report printed once; the coverage is the one-process run's on the same
+    data (every expert's calibrated tokens exactly; routed tokens of later
+    layers follow the quantized earlier ones, within 2%: DISTRIBUTED_NOTES F9)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run(
+        [sys.executable, *cli_argv(one)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=ONESHOT_DEADLINE_S,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    code, stdout, stderr = run_torchrun(
+        cli_argv(two, "--distributed"), 2, tmp_path, ONESHOT_DEADLINE_S
+    )
+    assert code == 0, stderr[-6000:]
+    assert stdout.count("written to") == 1, stdout  # rank 0 prints
+    # the CLI's console: every line names its process, rank 0 alone shows
+    # the stage lines, upstream's per-rank INFO lines stay hidden
+    assert "[rank 0] " in stderr and "2 processes calibrate data-parallel" in stderr
+    assert stderr.count("Calibrating with glm4_moe_w4a16_gptq on 4 samples") == 1
+    assert "[Rank 1]" not in stdout + stderr
+
+    files = {p.name for p in two.iterdir()}
+    assert {"config.json", "recipe.yaml", "coverage.json", "coverage.png"} <= files
+    assert any(name.endswith(".safetensors") for name in files), files
+    # one checkpoint, moved into place; nothing left beside it by either rank
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+    ours = json.loads((two / "coverage.json").read_text())
+    theirs = json.loads((one / "coverage.json").read_text())
+    assert ours["min_tokens"] == theirs["min_tokens"]
+    assert ours["rtn_fallback"] == theirs["rtn_fallback"] == []
+    for block, expected in zip(last_pass(ours), last_pass(theirs), strict=True):
+        assert (block["name"], block["mode"]) == (expected["name"], expected["mode"])
+        assert block["floor"] == expected["floor"]
+        assert block["calibrated"] == expected["calibrated"]
+        assert sum(block["calibrated"]) == CLI_SAMPLES * 64 * 16
+        assert sum(block["routed"]) == sum(expected["routed"])
+        pairs = zip(block["routed"], expected["routed"], strict=True)
+        moved = sum(abs(a - b) for a, b in pairs)
+        assert moved <= 0.02 * sum(expected["routed"]), (block, expected)
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(two)
+    with torch.no_grad():
+        logits = model(torch.tensor([[5, 6, 7]])).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_cli_too_few_samples_fail_on_every_process(tmp_path):
+    """1 sample on 2 processes, launched as torchrun does but without
+    --distributed (torchrun's environment with 2 processes turns it on): both
+    stop with the same one-line error and exit code 2, before loading the
+    model; neither waits for the other."""
+    out = tmp_path / "out"
+    argv = [sys.executable, *cli_argv(out)]
+    argv[argv.index(str(CLI_SAMPLES))] = "1"
+    codes = run_ranks(argv, 2, tmp_path / "logs", ONESHOT_DEADLINE_S)
+    assert codes == [2, 2]
+    errors = []
+    for rank in range(2):
+        log = (tmp_path / "logs" / f"rank{rank}.log").read_text()
+        errors.append([line for line in log.splitlines() if line.startswith(ERROR)])
+        assert "Loading the tiny GLM4-MoE" not in log
+    assert errors[0] == errors[1] and len(errors[0]) == 1, errors
+    message = errors[0][0]
+    assert "1 calibration sample(s) split over 2 ranks leave rank(s) 0" in message
+    assert not out.exists()

@@ -52,6 +52,8 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
     ("bash", r"(--dataset\s+)open_platypus", r"\g<1>{dataset_jsonl}"),
     ("bash", r"--num-samples\s+\d+", f"--num-samples {NUM_SAMPLES}"),
     ("bash", r"--seq-len\s+\d+", f"--seq-len {SEQ_LEN}"),
+    # two processes (gloo on CPU) for the torchrun examples
+    ("bash", r"--nproc_per_node=\d+", "--nproc_per_node=2"),
     # the README's "run the tests" command, without running this test in itself
     (
         "bash",
