@@ -214,6 +214,14 @@ VARIANTS = {
         ONE_CALL,
         CALLS,
     ),
+    # routing-weighted Hessians per expert (gate/up shared within an expert)
+    "ours weighted:2+shared": (
+        "weighted:2",
+        True,
+        SharedHessianGPTQModifier,
+        AUTO,
+        {},
+    ),
     "ours top_k:2x": ("top_k:{2k}", False, GPTQModifier, AUTO, {}),
     "ours min_tokens:64": ("min_tokens:64", False, GPTQModifier, AUTO, {}),
     "ours affinity": ("affinity", False, GPTQModifier, AUTO, {}),
@@ -226,6 +234,7 @@ DEFAULT_VARIANTS = {
         "ours routed",
         "ours all+shared",
         "ours default",
+        "ours weighted:2+shared",
     ],
 }
 

@@ -1,22 +1,31 @@
-"""Calibration-mode quality: held-out perplexity after W4A16 quantization of a small
-GLM4-MoE trained here on the Python standard library's source.
+"""Calibration-mode quality: held-out perplexity and top-1 agreement with the
+unquantized model after W4A16 quantization of small GLM4-MoEs trained here.
+
+Two models (``--kind``), so modes are not tuned to one model or one distribution:
+
+- ``code``: 32 experts top-4, 4 layers, group-limited router balanced by
+  DeepSeek-V3-style bias updates, trained on the Python standard library's source;
+- ``text``: GLM-4.5-Air's ratios in miniature (64 experts top-8, one group, one
+  shared expert, expert width a third of hidden, a dense first layer), 6 layers,
+  a weakly balanced and so skewed router, trained on English text: the docstrings
+  of the installed ``transformers`` package, up to 2048-token windows.
 
 Three steps, one command each (``--help`` on each for options):
 
-    python benchmarks/quality.py train --model-dir /tmp/glm4-trained
-    python benchmarks/quality.py sweep --model-dir /tmp/glm4-trained \\
-        --out benchmarks/quality.jsonl --jobs 8
+    python benchmarks/quality.py train --kind text --model-dir /tmp/text-moe
+    python benchmarks/quality.py sweep --model-dir /tmp/text-moe \\
+        --out benchmarks/quality.jsonl --jobs 8 --budgets 16x512 256x2048
     python benchmarks/quality.py report benchmarks/quality.jsonl [--timing T.jsonl]
 
-``train`` fits a 32-expert top-4 GLM4-MoE (group-limited sigmoid router, shared
-expert) with DeepSeek-V3-style bias balancing, so the router is balanced the way real
-GLM4 checkpoints are. Files are split three ways: training, calibration (never
-trained on) and held-out evaluation. ``sweep`` quantizes the trained model for every
-(algorithm, calibration budget, seed, mode) with the shipped recipes, appending one
-JSON line per run (perplexity, oneshot seconds, expert coverage); it resumes where a
-file left off. ``report`` prints the table and checks the recommended-default rule of
-issue 5 (no worse than the better of routed and all at every budget within one seed
-spread, strictly better than both somewhere, at most 1.2x routed's oneshot time).
+Files are split three ways: training, calibration (never trained on) and
+held-out evaluation. A budget is ``SAMPLESxTOKENS`` (a bare number of tokens means
+windows of 64 tokens, as the first sweeps used).
+
+``sweep`` quantizes the trained model for every (algorithm, budget, seed, mode) with
+the shipped recipes (GPTQ as ``SharedHessianGPTQModifier``, which weighted modes
+need), appending one JSON line per run (perplexity, top-1 agreement, oneshot
+seconds, expert coverage); it resumes where a file left off. ``report`` prints the
+tables of every model and checks issue 14's rule for the default.
 """
 
 from __future__ import annotations
@@ -38,30 +47,115 @@ import torch
 
 # of every 10 standard-library files (sorted by path): 7 train, 2 calibrate, 1 eval
 SPLIT = {"train": range(0, 7), "calibration": range(7, 9), "eval": range(9, 10)}
-SEQ_LEN = 64
+SEQ_LEN = 64  # windows of a bare-number budget
 EVAL_WINDOWS = 128
-BUDGETS = (128, 512, 2048, 16384)
-MODES = ("routed", "all", "top_k:8", "min_tokens:64", "affinity:0.1", "affinity:0.25")
+BUDGETS = ("2x64", "32x64", "64x256", "256x256")
+MODES = ("routed", "all", "affinity:0.1+floor:16", "weighted:1", "weighted:2")
 ALGORITHMS = ("gptq", "awq")
 RECIPES = {"gptq": "glm4_moe_w4a16_gptq", "awq": "glm4_moe_w4a16_awq"}
 
 
-def model_config(vocab_size: int):
+def model_config(kind: str, vocab_size: int):
     from llmcompressor_moe_plugins.tiny import tiny_glm4_moe_config
 
+    if kind == "code":
+        return tiny_glm4_moe_config(
+            vocab_size=vocab_size,
+            hidden_size=256,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            n_routed_experts=32,
+            num_experts_per_tok=4,
+            n_group=4,
+            topk_group=2,
+        )
+    # GLM-4.5-Air: 128 experts top-8, n_group 1, moe width 1408 of hidden 4096,
+    # routed_scaling_factor 1.0 (real_configs/glm-4.5-air.json)
     return tiny_glm4_moe_config(
         vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=512,
+        hidden_size=384,
+        intermediate_size=1024,
         moe_intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
+        num_hidden_layers=6,
+        num_attention_heads=6,
         num_key_value_heads=2,
         head_dim=64,
-        n_routed_experts=32,
-        num_experts_per_tok=4,
-        n_group=4,
-        topk_group=2,
+        n_routed_experts=64,
+        num_experts_per_tok=8,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        max_position_embeddings=2048,
+    )
+
+
+def parse_budget(budget: str | int) -> tuple[int, int]:
+    """``"256x2048"`` -> (256, 2048); a bare token count -> windows of SEQ_LEN."""
+    text = str(budget)
+    if "x" in text:
+        samples, _, length = text.partition("x")
+        return int(samples), int(length)
+    return int(text) // SEQ_LEN, SEQ_LEN
+
+
+def model_kind(model_dir: str) -> str:
+    marker = Path(model_dir) / "quality_kind.txt"
+    return marker.read_text().strip() if marker.exists() else "code"
+
+
+def texts(kind: str, part: str) -> list[str]:
+    return files(part) if kind == "code" else docstrings(part)
+
+
+def docstrings(part: str) -> list[str]:
+    """English text: the docstrings of the installed ``transformers`` package, one
+    text per source file, split by file like ``files``."""
+    import ast
+
+    import transformers
+
+    root = Path(transformers.__file__).parent
+    out = []
+    for i, path in enumerate(sorted(root.rglob("*.py"))):
+        if i % 10 not in SPLIT[part]:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        nodes = [tree] + [
+            n
+            for n in ast.walk(tree)
+            if isinstance(n, ast.FunctionDef | ast.ClassDef | ast.AsyncFunctionDef)
+        ]
+        found = [d for n in nodes if (d := ast.get_docstring(n)) and len(d) > 80]
+        if found:
+            out.append("\n\n".join(found))
+    if len(out) < 50:
+        sys.exit(f"need docstrings of 50 transformers files, found {len(out)}")
+    return out
+
+
+def text_tokenizer(corpus: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>"
     )
 
 
@@ -103,11 +197,17 @@ def train(args) -> None:
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = train_tokenizer(vocab_size=1024, max_files=60)
-    stream = token_stream(tokenizer, files("train"))
-    model = Glm4MoeForCausalLM(model_config(len(tokenizer))).to(device)
+    corpus = texts(args.kind, "train")
+    if args.kind == "code":
+        tokenizer = train_tokenizer(vocab_size=1024, max_files=60)
+    else:
+        tokenizer = text_tokenizer(corpus, vocab_size=2048)
+    stream = token_stream(tokenizer, corpus)
+    print(f"{args.kind}: {len(stream)} training tokens", flush=True)
+    model = Glm4MoeForCausalLM(model_config(args.kind, len(tokenizer))).to(device)
     routers = [m for m in model.modules() if hasattr(m, "e_score_correction_bias")]
     loads: list[torch.Tensor] = []
+    loads_history: list[list[torch.Tensor]] = [[] for _ in routers]
     for router in routers:
         router.register_forward_hook(
             lambda _m, _a, out: loads.append(
@@ -133,7 +233,11 @@ def train(args) -> None:
         scheduler.step()
         # auxiliary-loss-free balancing: nudge under-used experts up
         with torch.no_grad():
-            for router, load in zip(routers, loads[-len(routers) :], strict=True):
+            for index, (router, load) in enumerate(
+                zip(routers, loads[-len(routers) :], strict=True)
+            ):
+                if step >= args.steps - 50:
+                    loads_history[index].append(load.cpu())
                 load = load.float()
                 router.e_score_correction_bias += args.bias_rate * torch.sign(
                     load.mean() - load
@@ -142,9 +246,21 @@ def train(args) -> None:
             seconds = time.perf_counter() - start
             print(f"step {step} loss {loss.item():.3f} {seconds:.0f}s", flush=True)
     model.eval()
+    # how skewed the trained routers are over the last 50 steps' loads
+    skew = []
+    for index, history in enumerate(loads_history):
+        share = torch.stack(history).sum(0).float()
+        share = share / share.sum()
+        top_tenth = share.sort(descending=True).values[: max(1, len(share) // 10)]
+        skew.append(
+            f"router {index}: top-10% experts take {top_tenth.sum():.0%} of tokens, "
+            f"least-used expert {share.min() * len(share):.2f}x the mean"
+        )
+    print("\n".join(skew))
     out = Path(args.model_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    (out / "quality_kind.txt").write_text(args.kind)
     print(f"saved to {out}")
 
 
@@ -156,37 +272,54 @@ def part_stream(model_dir: str, part: str) -> torch.Tensor:
     """The model's tokens for one file split; a sweep worker reuses it across runs."""
     from transformers import AutoTokenizer
 
-    return token_stream(AutoTokenizer.from_pretrained(model_dir), files(part))
+    cached = Path(model_dir) / f"stream_{part}.pt"
+    if cached.exists():
+        return torch.load(cached)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    stream = token_stream(tokenizer, texts(model_kind(model_dir), part))
+    partial = cached.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(stream, partial)
+    os.replace(partial, cached)  # workers racing here write the same tensor
+    return stream
 
 
 def eval_windows(model_dir: str) -> torch.Tensor:
     stream = part_stream(model_dir, "eval")
-    step = (len(stream) - SEQ_LEN * 2) // EVAL_WINDOWS
+    length = SEQ_LEN * 2 if model_kind(model_dir) == "code" else 512
+    step = (len(stream) - length) // EVAL_WINDOWS
     return torch.stack(
-        [stream[i * step : i * step + SEQ_LEN * 2] for i in range(EVAL_WINDOWS)]
+        [stream[i * step : i * step + length] for i in range(EVAL_WINDOWS)]
     )
 
 
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor) -> float:
+def evaluate(model, windows: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Held-out perplexity and the next-token predictions (argmax) on every
+    position of the evaluation windows."""
     device = next(model.parameters()).device
-    losses = []
-    for batch in windows.split(32):
+    losses, predictions = [], []
+    for batch in windows.split(16):
         batch = batch.to(device)
-        losses.append(model(input_ids=batch, labels=batch).loss.float().item())
-    return math.exp(statistics.fmean(losses))
+        output = model(input_ids=batch, labels=batch)
+        losses.append(output.loss.float().item())
+        predictions.append(output.logits.argmax(dim=-1).cpu())
+    return math.exp(statistics.fmean(losses)), torch.cat(predictions)
 
 
-def calibration_dataset(model_dir: str, budget: int, seed: int):
+def baseline_predictions_path(model_dir: str) -> Path:
+    return Path(model_dir) / "baseline_top1.pt"
+
+
+def calibration_dataset(model_dir: str, budget: str, seed: int):
     from datasets import Dataset
 
+    samples, length = parse_budget(budget)
     stream = part_stream(model_dir, "calibration")
     generator = torch.Generator().manual_seed(seed)
-    count = budget // SEQ_LEN
-    offsets = torch.randint(0, len(stream) - SEQ_LEN, (count,), generator=generator)
-    windows = [stream[o : o + SEQ_LEN].tolist() for o in offsets]
+    offsets = torch.randint(0, len(stream) - length, (samples,), generator=generator)
+    windows = [stream[o : o + length].tolist() for o in offsets]
     return Dataset.from_dict(
-        {"input_ids": windows, "attention_mask": [[1] * SEQ_LEN] * count}
+        {"input_ids": windows, "attention_mask": [[1] * length] * samples}
     )
 
 
@@ -206,6 +339,10 @@ def recipe_file(algorithm: str, mode: str, directory: str) -> str:
 
     recipe = yaml.safe_load(recipes.get(RECIPES[algorithm]))
     modifiers = recipe["default_stage"]["default_modifiers"]
+    if "GPTQModifier" in modifiers:
+        # the same GPTQ, with the Hessians weighted modes need (and shared ones in
+        # mode all: the same statistics up to rounding)
+        modifiers["SharedHessianGPTQModifier"] = modifiers.pop("GPTQModifier")
     # starved experts under routed calibration: quantize them round-to-nearest and
     # report it, as a user would, instead of failing the run
     modifiers["MoECalibrationModifier"] = {**mode_settings(mode), "rtn_fallback": True}
@@ -243,6 +380,7 @@ def _run_one(job: dict) -> dict:
     data = calibration_dataset(job["model_dir"], job["budget"], job["seed"])
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
     model.to(device)
+    _, length = parse_budget(job["budget"])
     with tempfile.TemporaryDirectory() as scratch, cpu_only_calibration():
         start = time.perf_counter()
         oneshot(
@@ -251,15 +389,19 @@ def _run_one(job: dict) -> dict:
             dataset=data,
             recipe=recipe_file(job["algorithm"], job["mode"], scratch),
             num_calibration_samples=len(data),
-            max_seq_length=SEQ_LEN,
+            max_seq_length=length,
             log_dir=None,
         )
         seconds = time.perf_counter() - start
     report = last_coverage_report()
     calibrated = [n for block in report.blocks for n in block.calibrated]
+    ppl, predictions = evaluate(model.to(device), eval_windows(job["model_dir"]))
+    baseline = torch.load(baseline_predictions_path(job["model_dir"]))
     return {
         **{k: job[k] for k in ("algorithm", "budget", "seed", "mode")},
-        "ppl": perplexity(model.to(device), eval_windows(job["model_dir"])),
+        "model": model_kind(job["model_dir"]),
+        "ppl": ppl,
+        "top1_agreement": float((predictions == baseline).float().mean()),
         "oneshot_s": seconds,
         "tokens_min": min(calibrated),
         "tokens_median": statistics.median(calibrated),
@@ -274,21 +416,27 @@ def sweep(args) -> None:
     from transformers import AutoModelForCausalLM
 
     out = Path(args.out)
+    kind = model_kind(args.model_dir)
     done = set()
     for line in _lines(out):
         r = json.loads(line)
-        if not r.get("baseline"):
-            done.add((r["algorithm"], r["budget"], r["seed"], r["mode"]))
-    if not any(json.loads(line).get("baseline") for line in _lines(out)):
+        if not r.get("baseline") and r.get("model", "code") == kind:
+            done.add((r["algorithm"], str(r["budget"]), r["seed"], r["mode"]))
+    for part in ("calibration", "eval"):
+        part_stream(args.model_dir, part)  # cached in the model directory once
+    if not baseline_predictions_path(args.model_dir).exists():
         model = AutoModelForCausalLM.from_pretrained(args.model_dir)
-        ppl = perplexity(model, eval_windows(args.model_dir))
-        _append(out, {"baseline": True, "ppl": ppl})
-        print(f"unquantized held-out perplexity {ppl:.3f}")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        ppl, predictions = evaluate(model.to(device), eval_windows(args.model_dir))
+        torch.save(predictions, baseline_predictions_path(args.model_dir))
+        kind = model_kind(args.model_dir)
+        _append(out, {"baseline": True, "model": kind, "ppl": ppl})
+        print(f"{kind}: unquantized held-out perplexity {ppl:.3f}")
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     jobs = [
         dict(
             algorithm=a,
-            budget=b,
+            budget=str(b),
             seed=s,
             mode=m,
             model_dir=args.model_dir,
@@ -297,7 +445,7 @@ def sweep(args) -> None:
         for a, b, s, m in itertools.product(
             args.algorithms, args.budgets, range(args.seeds), args.modes
         )
-        if (a, b, s, m) not in done
+        if (a, str(b), s, m) not in done
     ]
     print(f"{len(jobs)} runs to do, {args.jobs} at a time")
     with get_context("spawn").Pool(args.jobs, initializer=_quiet_worker) as pool:
@@ -320,7 +468,7 @@ def _append(path: Path, record: dict) -> None:
 
 
 def report(args) -> None:
-    records = [json.loads(line) for line in _lines(Path(args.results))]
+    records = [json.loads(line) for path in args.results for line in _lines(Path(path))]
     if args.timing:
         # times from a separate uncontended sweep (--jobs 1) replace the main
         # sweep's, which ran settings side by side
@@ -328,94 +476,134 @@ def report(args) -> None:
         for line in _lines(Path(args.timing)):
             r = json.loads(line)
             if not r.get("baseline"):
-                timed[r["algorithm"], r["budget"], r["mode"]] = r["oneshot_s"]
+                timed[r["algorithm"], str(r["budget"]), r["mode"]] = r["oneshot_s"]
         for r in records:
             if not r.get("baseline"):
-                key = (r["algorithm"], r["budget"], r["mode"])
+                key = (r["algorithm"], str(r["budget"]), r["mode"])
                 r["oneshot_s"] = timed.get(key, float("nan"))
-    baseline = next(r["ppl"] for r in records if r.get("baseline"))
-    runs = [r for r in records if not r.get("baseline")]
-    print(f"unquantized held-out perplexity: {baseline:.3f}")
-    for algorithm in sorted({r["algorithm"] for r in runs}):
-        subset = [r for r in runs if r["algorithm"] == algorithm]
-        budgets = sorted({r["budget"] for r in subset})
-        modes = [m for m in MODES if any(r["mode"] == m for r in subset)]
-        modes += sorted({r["mode"] for r in subset} - set(modes))
-        cell: dict[tuple, dict] = {}
-        for mode, budget in itertools.product(modes, budgets):
-            rs = [r for r in subset if r["mode"] == mode and r["budget"] == budget]
-            if not rs:
-                continue
-            increase = [100 * (r["ppl"] / baseline - 1) for r in rs]
-            cell[mode, budget] = {
-                "mean": statistics.fmean(increase),
-                "min": min(increase),
-                "max": max(increase),
-                "spread": max(increase) - min(increase),
-                "seconds": statistics.fmean(r["oneshot_s"] for r in rs),
-                "min_tokens": min(r["tokens_min"] for r in rs),
-                "seeds": len(rs),
-            }
-        print(f"\n{algorithm.upper()} W4A16: perplexity increase over unquantized, %")
-        print("mean [min..max over seeds]; time = mean oneshot s / routed's")
-        header = f"{'mode':<15}" + "".join(f"{b:>26}" for b in budgets)
-        print(header)
-        for mode in modes:
-            row = f"{mode:<15}"
-            for budget in budgets:
-                c = cell.get((mode, budget))
-                if c is None:
-                    row += f"{'-':>26}"
-                    continue
-                routed = cell.get(("routed", budget))
-                ratio = c["seconds"] / routed["seconds"] if routed else float("nan")
-                row += (
-                    f"{c['mean']:>+7.2f} [{c['min']:+.2f}..{c['max']:+.2f}] "
-                    f"{ratio:>4.2f}x"
-                )
-            print(row)
-        print("min tokens per expert (over seeds):")
-        for mode in modes:
-            print(
-                f"{mode:<15}"
-                + "".join(
-                    f"{cell[mode, b]['min_tokens']:>26}" if (mode, b) in cell else ""
-                    for b in budgets
-                )
-            )
-        _verdict(cell, modes, budgets)
+    for r in records:
+        r["model"] = r.get("model", "code")
+        if not r.get("baseline"):
+            r["budget"] = _budget_label(r["budget"])
+    cells: dict[tuple, dict] = {}  # (algorithm, model, mode, budget) -> stats
+    for kind in sorted({r["model"] for r in records}):
+        baseline = next(
+            r["ppl"] for r in records if r.get("baseline") and r["model"] == kind
+        )
+        runs = [r for r in records if not r.get("baseline") and r["model"] == kind]
+        print(f"\n## model {kind}: unquantized held-out perplexity {baseline:.3f}")
+        for algorithm in sorted({r["algorithm"] for r in runs}):
+            subset = [r for r in runs if r["algorithm"] == algorithm]
+            budgets = sorted({r["budget"] for r in subset}, key=_budget_tokens)
+            modes = [m for m in MODES if any(r["mode"] == m for r in subset)]
+            modes += sorted({r["mode"] for r in subset} - set(modes))
+            cell = {}
+            for mode, budget in itertools.product(modes, budgets):
+                rs = [r for r in subset if r["mode"] == mode and r["budget"] == budget]
+                if rs:
+                    cell[mode, budget] = _stats(rs, baseline)
+                    cells[algorithm, kind, mode, budget] = cell[mode, budget]
+            _table(algorithm, cell, modes, budgets)
+    for algorithm in sorted({key[0] for key in cells}):
+        _verdict(algorithm, cells)
 
 
-def _verdict(cell, modes, budgets) -> None:
-    """Issue 5's rule for a recommended default."""
+def _budget_label(budget) -> str:
+    samples, length = parse_budget(budget)
+    return f"{samples}x{length}"
+
+
+def _budget_tokens(label: str) -> int:
+    samples, length = parse_budget(label)
+    return samples * length
+
+
+def _stats(rs: list[dict], baseline: float) -> dict:
+    increase = [100 * (r["ppl"] / baseline - 1) for r in rs]
+    agreement = [100 * r["top1_agreement"] for r in rs if "top1_agreement" in r]
+    return {
+        "mean": statistics.fmean(increase),
+        "min": min(increase),
+        "max": max(increase),
+        "spread": max(increase) - min(increase),
+        "agree": statistics.fmean(agreement) if agreement else float("nan"),
+        "agree_spread": max(agreement) - min(agreement) if agreement else 0.0,
+        "seconds": statistics.fmean(r["oneshot_s"] for r in rs),
+        "min_tokens": min(r["tokens_min"] for r in rs),
+        "seeds": len(rs),
+    }
+
+
+def _table(algorithm, cell, modes, budgets) -> None:
+    print(f"\n{algorithm.upper()} W4A16: perplexity increase over unquantized, %")
+    print("mean [min..max over seeds]; top-1 agreement with unquantized, %")
+    print("(mean, spread); time = mean oneshot s / routed's")
+    print(f"{'mode':<22}" + "".join(f"{b:>40}" for b in budgets) + f"{'mean':>8}")
     for mode in modes:
-        if mode in ("routed", "all"):
-            continue
-        ok_everywhere, better_somewhere, slowest = True, False, 0.0
-        timed_budgets = 0
+        row, means = f"{mode:<22}", []
         for budget in budgets:
             c = cell.get((mode, budget))
-            routed, all_ = cell.get(("routed", budget)), cell.get(("all", budget))
-            if not (c and routed and all_):
-                ok_everywhere = False
+            if c is None:
+                row += f"{'-':>40}"
                 continue
-            best = min(routed, all_, key=lambda x: x["mean"])
-            if c["mean"] > best["mean"] + max(c["spread"], best["spread"]):
-                ok_everywhere = False
-            if c["mean"] < routed["mean"] and c["mean"] < all_["mean"]:
-                better_somewhere = True
-            ratio = c["seconds"] / routed["seconds"]
-            if not math.isnan(ratio):
-                slowest = max(slowest, ratio)
-                timed_budgets += 1
-        verdict = ok_everywhere and better_somewhere and slowest <= 1.2
+            means.append(c["mean"])
+            routed = cell.get(("routed", budget))
+            ratio = c["seconds"] / routed["seconds"] if routed else float("nan")
+            row += (
+                f"{c['mean']:>+7.2f} [{c['min']:+.2f}..{c['max']:+.2f}] "
+                f"{c['agree']:5.2f} ({c['agree_spread']:.2f}) {ratio:>4.2f}x"
+            )
+        mean = statistics.fmean(means) if len(means) == len(budgets) else float("nan")
+        print(row + f"{mean:>8.2f}")
+    print("min tokens per expert (over seeds):")
+    for mode in modes:
         print(
-            f"  {mode:<15} no worse than best everywhere: {ok_everywhere}; "
-            f"better than both somewhere: {better_somewhere}; "
-            f"time <= 1.2x routed: {slowest <= 1.2} ({slowest:.2f}x at worst of "
-            f"{timed_budgets} timed budgets) -> "
-            f"{'MEETS' if verdict else 'fails'} the default rule"
+            f"{mode:<22}"
+            + "".join(
+                f"{cell[mode, b]['min_tokens']:>40}" if (mode, b) in cell else ""
+                for b in budgets
+            )
         )
+
+
+def _verdict(algorithm: str, cells: dict) -> None:
+    """Issue 14's rule: the default is the mode with the lowest mean increase over
+    both models and all budgets, provided it is never worse than the better of
+    routed and all by more than one seed spread at any (model, budget)."""
+    places = sorted({(k[1], k[3]) for k in cells if k[0] == algorithm})
+    modes = sorted({k[2] for k in cells if k[0] == algorithm})
+    print(f"\n{algorithm.upper()}: the default rule over {len(places)} (model, budget)")
+    ranked = []
+    for mode in modes:
+        here = [cells.get((algorithm, m, mode, b)) for m, b in places]
+        if any(c is None for c in here):
+            print(f"  {mode:<22} not run everywhere")
+            continue
+        worse_at = []
+        for (kind, budget), c in zip(places, here, strict=True):
+            candidates = [
+                cells.get((algorithm, kind, base, budget)) for base in ("routed", "all")
+            ]
+            candidates = [x for x in candidates if x is not None]
+            if not candidates:
+                continue
+            best = min(candidates, key=lambda x: x["mean"])
+            if c["mean"] > best["mean"] + max(c["spread"], best["spread"]):
+                worse_at.append(f"{kind} {budget} (+{c['mean'] - best['mean']:.2f})")
+        mean = statistics.fmean(c["mean"] for c in here)
+        agree = statistics.fmean(c["agree"] for c in here)
+        ranked.append((mean, mode))
+        print(
+            f"  {mode:<22} mean increase {mean:+.3f}%, top-1 agreement {agree:.2f}%; "
+            + (
+                f"worse than best of routed/all at {', '.join(worse_at)}"
+                if worse_at
+                else "never worse than the best of routed/all beyond one spread"
+            )
+        )
+    eligible = [(mean, mode) for mean, mode in sorted(ranked)]
+    if eligible:
+        print(f"  lowest mean: {eligible[0][1]} ({eligible[0][0]:+.3f}%)")
 
 
 def main() -> None:
@@ -423,6 +611,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("train", help="train the benchmark model")
     p.add_argument("--model-dir", required=True)
+    p.add_argument("--kind", choices=("code", "text"), default="code")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
@@ -433,11 +622,11 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/quality.jsonl")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
+    p.add_argument("--budgets", nargs="+", default=list(BUDGETS))
     p.add_argument("--modes", nargs="+", default=list(MODES))
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
     p = commands.add_parser("report", help="print the table from a sweep's results")
-    p.add_argument("results")
+    p.add_argument("results", nargs="+")
     p.add_argument("--timing", help="uncontended sweep whose times to use instead")
     args = parser.parse_args()
     {"train": train, "sweep": sweep, "report": report}[args.command](args)

@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode.add_argument(
         "--mode",
-        help="calibration mode: routed, all, top_k:N, min_tokens:K, affinity[:S]",
+        help="calibration mode: routed, all, top_k:N, min_tokens:K, affinity[:S], "
+        "weighted:P[,prior:L] (GPTQ runs as SharedHessianGPTQModifier then)",
     )
     quantize.add_argument(
         "--block-mode",
@@ -410,7 +411,22 @@ def _load_recipe_modifiers(recipe: str, args: argparse.Namespace) -> list:
             modifiers = [MoECalibrationModifier(**settings)] + modifiers
     except ValueError as err:
         raise CliError(f"calibration mode: {err}") from None
+    if _uses_weighted_mode(modifiers[0]):
+        from .shared_hessian_gptq import with_shared_hessian_gptq
+
+        # the shipped recipes name GPTQModifier; weighted Hessians need ours
+        modifiers = with_shared_hessian_gptq(modifiers)
     return modifiers
+
+
+def _uses_weighted_mode(ours) -> bool:
+    from .modes import WeightedMode, parse_mode
+
+    specs = [ours.mode, *ours.block_modes.values()]
+    return any(
+        spec is not None and isinstance(parse_mode(spec), WeightedMode)
+        for spec in specs
+    )
 
 
 # -- dataset ----------------------------------------------------------------------

@@ -9,8 +9,9 @@ textbook layer, the generic path and third-party modules:
 - mode selection and the floor (each block with its own seeded generator);
 - coverage counts (on the device; read at pass and layer boundaries);
 - the no-empty-call rule and chunking of extra (statistics-only) calls;
-- the weight-computed paths: all-expert calibration forwards handed to a
-  statistics consumer, and unobserved forwards computed straight from the weights;
+- the weight-computed paths: all-expert calibration forwards and routing-weighted
+  statistics handed to a statistics consumer, and unobserved forwards computed
+  straight from the weights;
 - combining the outputs with the real routing weights, in the order
   ``LinearExperts2D.forward`` (or the block's own loop) uses, so outputs are
   bit-identical to the original block's.
@@ -35,7 +36,7 @@ from .batched_experts import (
     matches_module,
     silent_linear,
 )
-from .modes import AllExpertsMode, CalibrationMode, apply_floor
+from .modes import AllExpertsMode, CalibrationMode, WeightedMode, apply_floor
 
 __all__ = [
     "AUTO_CHUNK",
@@ -170,11 +171,15 @@ class ExpertDispatcher:
             if combined is not None:
                 return combined
 
-        if calibrating:
+        weighted = self._weighted_consumer(hidden_states) if calibrating else None
+        if calibrating and weighted is None:
             self._log_once("calls", "calibrating forwards call each expert module")
         extras = extra_token_indices(routed, selected)
         combined = torch.zeros_like(hidden_states)
         experts = self._callable_experts(hidden_states, calibrating)
+        token_weights = (
+            self._token_weights(routed, indices, weights) if weighted else None
+        )
         top_k = indices.shape[1]
         for expert_index in range(num_experts):
             position = positions[expert_index]
@@ -182,17 +187,28 @@ class ExpertDispatcher:
                 slot, tokens = position // num_tokens, position % num_tokens
             else:
                 tokens, slot = position // top_k, position % top_k
-            output = self._run_expert(
-                experts[expert_index],
-                hidden_states,
-                tokens,
-                extras[expert_index],
-                busiest,
-            )
+            if weighted is not None:
+                output = self._run_weighted(
+                    expert_index,
+                    weighted,
+                    hidden_states,
+                    tokens,
+                    extras[expert_index],
+                    token_weights,
+                    busiest,
+                )
+            else:
+                output = self._run_expert(
+                    experts[expert_index],
+                    hidden_states,
+                    tokens,
+                    extras[expert_index],
+                    busiest,
+                )
             if output is None:
                 continue
-            weighted = output * weights[tokens, slot, None]
-            combined.index_add_(0, tokens, weighted.to(combined.dtype))
+            weighted_output = output * weights[tokens, slot, None]
+            combined.index_add_(0, tokens, weighted_output.to(combined.dtype))
         return combined
 
     def _select(self, routed: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -269,9 +285,103 @@ class ExpertDispatcher:
         allowance = (tokens * 2 * hidden) // (4 * per_call_token)
         return max(busiest + allowance, _MIN_AUTO_CHUNK)
 
+    # -- routing-weighted statistics ------------------------------------------
+
+    def supports_weighted_statistics(self) -> bool:
+        """Whether this block's experts can be computed from their weights (gated
+        MLPs), which weighted statistics need."""
+        return self.gated_mlps() is not None
+
+    def _weighted_consumer(self, hidden_states: torch.Tensor):
+        """The consumer of routing-weighted statistics, or None where the mode is
+        not weighted or nobody accumulates weighted Hessians (then the mode's
+        token choice is calibrated unweighted, as for AWQ or range observers)."""
+        consumer = self.consumer
+        if not isinstance(self.mode, WeightedMode) or not hasattr(
+            consumer, "consume_weighted"
+        ):
+            return None
+        mlps = self.gated_mlps()
+        if mlps is None:
+            raise RouterScoresUnavailable(
+                f"MoE block {self.name}: mode {self.mode.spec()!r} computes its "
+                "experts from their weights, but they are not gated MLPs "
+                "(gate_proj/up_proj/down_proj). Use another mode for this block "
+                "(block_modes)."
+            )
+        if self._gated_mlps_are_close is None:
+            self._gated_mlps_are_close = all(
+                matches_module(mlp, expert, hidden_states)
+                for mlp, expert in zip(mlps, self.experts, strict=True)
+            )
+            self._gated_mlps_are_exact = self._gated_mlps_are_close and all(
+                matches_module(mlp, expert, hidden_states, exact=True)
+                for mlp, expert in zip(mlps, self.experts, strict=True)
+            )
+        if not self._gated_mlps_are_close:
+            raise RuntimeError(
+                f"MoE block {self.name}: mode {self.mode.spec()!r} computes its "
+                "experts from their weights, and that does not reproduce the "
+                "experts' own forward (an activation this plugin does not know). "
+                "Use another mode for this block (block_modes)."
+            )
+        self._log_once("weighted", "routing-weighted statistics from the weights")
+        return consumer
+
+    def _token_weights(
+        self, routed: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        routing_weights = torch.zeros(
+            routed.shape, device=routed.device, dtype=torch.float32
+        ).scatter_(1, indices, weights.float())
+        return self.mode.token_weights(routing_weights, routed)
+
+    def _run_weighted(
+        self,
+        expert_index: int,
+        consumer,
+        hidden_states: torch.Tensor,
+        routed_tokens: torch.Tensor,
+        extra_tokens: torch.Tensor | None,
+        token_weights: torch.Tensor,
+        busiest: int,
+    ) -> torch.Tensor | None:
+        """Weighted statistics of the expert's routed and extra tokens go to the
+        consumer; the routed output comes from the same intermediate where that
+        is bit for bit the module call and nothing else observes the expert,
+        else from the module (whose other observers then see the token choice)."""
+        mlp = self.gated_mlps()[expert_index]
+        pieces = [t for t in (routed_tokens, extra_tokens) if t is not None]
+        pieces = [t for t in pieces if t.numel()]
+        if not pieces:
+            return None
+        with torch.no_grad():
+            intermediates = [mlp.intermediate(hidden_states[t]) for t in pieces]
+            tokens = torch.cat(pieces)
+            consumer.consume_weighted(
+                mlp,
+                hidden_states[tokens],
+                torch.cat(intermediates),
+                token_weights[tokens, expert_index],
+            )
+        bypass = self._gated_mlps_are_exact and consumer.accepts(mlp.linears)
+        if not bypass:
+            return self._run_expert(
+                self.experts[expert_index],
+                hidden_states,
+                routed_tokens,
+                extra_tokens,
+                busiest,
+            )
+        if not routed_tokens.numel():
+            return None
+        return mlp.output(intermediates[0])
+
     # -- weight-computed paths ------------------------------------------------
 
-    def _gated_mlps(self) -> list[GatedMLP] | None:
+    def gated_mlps(self) -> list[GatedMLP] | None:
+        """The experts as gated MLPs computed from their weights, or None where
+        they are not all such."""
         # built once: the experts (and so their Linears) never change here
         if self._gated_mlp_list is None:
             mlps = [gated_mlp(e, self.default_activation) for e in self.experts]
@@ -297,7 +407,7 @@ class ExpertDispatcher:
             or not isinstance(self.mode, AllExpertsMode)
         ):
             return None
-        mlps = self._gated_mlps()
+        mlps = self.gated_mlps()
         if mlps is None:
             self._log_once("calls", "experts are not plain gated MLPs")
             return None
@@ -331,7 +441,7 @@ class ExpertDispatcher:
         forwards), skipping per-call wrapper overhead; else the expert modules."""
         if calibrating or self._gated_mlps_are_exact is False:
             return self.experts
-        mlps = self._gated_mlps()
+        mlps = self.gated_mlps()
         if mlps is None or not all(
             silent_linear(linear, hidden_states.device)
             for mlp in mlps

@@ -7,7 +7,8 @@ routed outputs and the calibration statistics.
 
 Spelled in recipes, Python and on the CLI as ``"routed"``, ``"all"``,
 ``"top_k:N"`` / ``{"top_k": N}``, ``"min_tokens:K"`` / ``{"min_tokens": K}`` or
-``"affinity"`` / ``"affinity:S"`` / ``{"affinity": S}``.
+``"affinity"`` / ``"affinity:S"`` / ``{"affinity": S}`` or ``"weighted:P"`` /
+``"weighted:P,prior:L"`` / ``{"weighted": P, "prior": L}``.
 
 A mode object is stateless and may be shared by many blocks; the state it needs
 (tokens calibrated so far, a random generator) belongs to each block's dispatcher.
@@ -28,6 +29,7 @@ __all__ = [
     "WidenedTopKMode",
     "MinTokensMode",
     "AffinitySampledMode",
+    "WeightedMode",
     "parse_mode",
     "apply_floor",
     "MODE_NAMES",
@@ -167,6 +169,69 @@ class AffinitySampledMode(CalibrationMode):
         return f"affinity:{self.strength:g}"
 
 
+DEFAULT_PRIOR = 0.1
+
+
+@dataclass(frozen=True)
+class WeightedMode(CalibrationMode):
+    """Routing-weighted statistics: each token counts in an expert's GPTQ Hessian
+    with its routing weight to the power ``power``; the floor's near-miss top-ups
+    (unrouted tokens of starved experts) count ``prior`` times the layer's mean
+    routed weight.
+
+    Why: an expert's quantization error reaches the block output scaled by the
+    token's routing weight ``c``: output error ``c * dE(x)``. The layer-wise
+    objective for ``down_proj`` is therefore the input-weighted one with ``c**2``
+    (``weighted:2``, exact for ``down_proj``, approximately so for
+    ``gate_proj``/``up_proj``); MoEQuant's affinity-guided GPTQ weights by ``c``
+    (``weighted:1``). Unrouted tokens carry no weight in that objective, so a
+    starved expert's Hessian comes from a prior: its highest-affinity unrouted
+    tokens (the floor, on by default for this mode) at a small weight.
+
+    Weights exist only in Hessians that ``SharedHessianGPTQModifier`` accumulates
+    itself; anything else (AWQ, range observers, plain ``GPTQModifier``) sees the
+    mode's token choice, routed tokens plus the floor, unweighted.
+    """
+
+    power: float
+    prior: float = DEFAULT_PRIOR
+    name: ClassVar[str] = "weighted"
+
+    def __post_init__(self):
+        if not 0 < self.power <= 4:
+            raise ValueError(
+                f"Calibration mode 'weighted:{self.power:g}': the power must be in "
+                "(0, 4] (1: MoEQuant's routing-weighted GPTQ, 2: the output error)."
+            )
+        if not 0 < self.prior <= 1:
+            raise ValueError(
+                f"Calibration mode {self.spec()!r}: the prior must be in (0, 1] "
+                "(the weight of a near-miss token relative to a routed one, e.g. "
+                "'weighted:2,prior:0.1')."
+            )
+
+    def select(self, routed, affinity, calibrated_so_far, generator):
+        return routed
+
+    def token_weights(
+        self, routing_weights: torch.Tensor, routed: torch.Tensor
+    ) -> torch.Tensor:
+        """float32 [tokens, experts]: ``|c| ** power`` where routed, elsewhere the
+        prior's weight (used only where the floor adds the token).
+
+        :param routing_weights: [tokens, experts], the applied routing weights,
+            zero where not routed
+        """
+        weights = routing_weights.float().abs().pow(self.power)
+        routed_mean = weights.sum() / routed.sum().clamp(min=1)
+        prior = self.prior * routed_mean
+        return torch.where(routed, weights, prior)
+
+    def spec(self) -> str:
+        text = f"weighted:{self.power:g}"
+        return text if self.prior == DEFAULT_PRIOR else f"{text},prior:{self.prior:g}"
+
+
 def apply_floor(
     selected: torch.Tensor,
     affinity: torch.Tensor | None,
@@ -202,7 +267,14 @@ def apply_floor(
     return selected
 
 
-MODE_NAMES = ("routed", "all", "top_k:N", "min_tokens:K", "affinity[:S]")
+MODE_NAMES = (
+    "routed",
+    "all",
+    "top_k:N",
+    "min_tokens:K",
+    "affinity[:S]",
+    "weighted:P[,prior:L]",
+)
 _PARAMETRIZED = {"top_k": WidenedTopKMode, "min_tokens": MinTokensMode}
 
 
@@ -218,9 +290,13 @@ def parse_mode(spec: Any) -> CalibrationMode:
             return AllExpertsMode()
         if text == AffinitySampledMode.name:
             return AffinitySampledMode()
+        if text.startswith(WeightedMode.name + ":"):
+            return _weighted(text, spec)
         if ":" in text:
             key, _, value = text.partition(":")
             return _parametrized(key.strip(), value.strip(), spec)
+    elif isinstance(spec, dict) and WeightedMode.name in spec:
+        return _weighted_from_dict(spec)
     elif isinstance(spec, dict) and len(spec) == 1:
         ((key, value),) = spec.items()
         return _parametrized(str(key), value, spec)
@@ -261,3 +337,42 @@ def _parametrized(key: str, value: Any, spec: Any) -> CalibrationMode:
             f"Calibration mode {spec!r}: {key} must be at least 1, got {number}."
         )
     return _PARAMETRIZED[key](number)
+
+
+def _number(value: Any, what: str, spec: Any) -> float:
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"Calibration mode {spec!r}: {what} must be a number, got {value!r} "
+            "(e.g. 'weighted:2' or 'weighted:2,prior:0.1')."
+        ) from None
+
+
+def _weighted(text: str, spec: Any) -> WeightedMode:
+    power_text, *options = text[len(WeightedMode.name) + 1 :].split(",")
+    fields = {"power": _number(power_text.strip(), "the power", spec)}
+    for option in options:
+        key, _, value = option.partition(":")
+        if key.strip() != "prior":
+            raise ValueError(
+                f"Calibration mode {spec!r}: unknown option {key.strip()!r}; "
+                "weighted modes take only 'prior' (e.g. 'weighted:2,prior:0.1')."
+            )
+        fields["prior"] = _number(value.strip(), "the prior", spec)
+    return WeightedMode(**fields)
+
+
+def _weighted_from_dict(spec: dict) -> WeightedMode:
+    unknown = set(spec) - {WeightedMode.name, "prior"}
+    if unknown:
+        raise ValueError(
+            f"Calibration mode {spec!r}: unknown key(s) {sorted(unknown)}; a weighted "
+            "mode is {'weighted': P} or {'weighted': P, 'prior': L}."
+        )
+    fields = {"power": _number(spec[WeightedMode.name], "the power", spec)}
+    if "prior" in spec:
+        fields["prior"] = _number(spec["prior"], "the prior", spec)
+    return WeightedMode(**fields)

@@ -43,7 +43,7 @@ from .checkpoint_check import check_quantized_tensors
 from .context import SwappedBlocks, swap_in_calibration_modules
 from .coverage import CalibrationPass, CoverageReport, UndercalibratedExpertsError
 from .fit import FitChange, FitPolicy, fit_schemes_to_model
-from .modes import MinTokensMode, parse_mode
+from .modes import MinTokensMode, WeightedMode, parse_mode
 from .rtn import fill_starved_activation_qparams, quantize_round_to_nearest
 from .seeding import restore_global_rng, seed_calibration_order
 
@@ -83,12 +83,14 @@ class MoECalibrationModifier(Modifier):
         unset, ``oneshot(moe_calibrate_all_experts=False)`` means routed and
         otherwise the default mode, ``affinity:0.1`` with a floor, applies
     :param mode: calibration mode for every block: ``routed``, ``all``,
-        ``top_k:N``, ``min_tokens:K`` or ``affinity[:S]``; overrides
+        ``top_k:N``, ``min_tokens:K``, ``affinity[:S]`` or ``weighted:P[,prior:L]``
+        (routing-weighted GPTQ Hessians, see ``modes.WeightedMode``); overrides
         ``calibrate_all_experts``
     :param block_modes: per MoE block class name, a mode overriding ``mode``
     :param floor: every expert is calibrated on at least this many tokens per
         pass (or all there are), topped up with its highest-affinity candidates;
-        unset: 16 under the default mode, 0 when a mode is chosen
+        unset: 16 under the default mode and weighted modes, 0 when another mode
+        is chosen
     :param chunk_size: tokens per extra (statistics-only) expert call, or ``auto``
     :param seed: seeds each block's sampling (with the block's name and rank) and
         the calibration data's shuffling, so runs are reproducible
@@ -177,9 +179,12 @@ class MoECalibrationModifier(Modifier):
             return self._resolved[1]
         if self.floor is not None:
             return self.floor
-        # a mode the user chose runs as chosen; the default comes with its floor
+        # a mode the user chose runs as chosen; the default comes with its floor,
+        # and so do weighted modes (the floor's top-ups are their prior's tokens)
         chosen = not self._mode_is_default() or not get_calibrate_all_experts_flag()
-        return 0 if chosen else DEFAULT_FLOOR
+        if chosen and not isinstance(parse_mode(self.resolved_mode()), WeightedMode):
+            return 0
+        return DEFAULT_FLOOR
 
     def resolved_min_tokens(self) -> int:
         if self._resolved is not None:
@@ -203,6 +208,10 @@ class MoECalibrationModifier(Modifier):
             self.resolved_mode(),
             self.resolved_floor(),
             self.resolved_min_tokens(),
+        )
+        _require_weighting_gptq(
+            [self.resolved_mode(), *self.block_modes.values()],
+            active_session().lifecycle.recipe.modifiers,
         )
         self._passes, self._checked = [], set()
         self._stopped_by_check = False
@@ -393,6 +402,22 @@ def _local_share_of_mode(spec: ModeSpec) -> ModeSpec:
             mode, min_tokens=distributed.local_share(mode.min_tokens)
         )
     return spec
+
+
+def _require_weighting_gptq(specs: list, modifiers: list) -> None:
+    """Weighted modes weight Hessians only SharedHessianGPTQModifier accumulates;
+    under plain GPTQModifier they would silently be unweighted."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    weighted = [s for s in specs if isinstance(parse_mode(s), WeightedMode)]
+    plain = [m for m in modifiers if type(m) is GPTQModifier]
+    if weighted and plain:
+        raise ValueError(
+            f"Calibration mode {parse_mode(weighted[0]).spec()!r} weights GPTQ "
+            "Hessians by routing weight, which only SharedHessianGPTQModifier "
+            "accumulates; this recipe has GPTQModifier. Rename it to "
+            "SharedHessianGPTQModifier (same fields), or pick another mode."
+        )
 
 
 ModifierFactory.register("MoECalibrationModifier", MoECalibrationModifier)

@@ -7,7 +7,13 @@ stores one per Linear (2E+2 matrices of hidden x hidden per layer). This modifie
 accumulates one per MoE block from the block's input and quantizes those Linears
 against it, stacked by rows, so the Hessian is also factorized once per chunk of
 experts instead of once per Linear. Everything else (``down_proj``, attention,
-blocks in routed or sampled modes, distributed runs) takes GPTQ's normal path.
+blocks in routed or sampled modes) takes GPTQ's normal path.
+
+Blocks in a weighted mode (``weighted:P``, see ``modes.WeightedMode``) get
+routing-weighted Hessians, accumulated here: each expert's ``gate_proj`` and
+``up_proj`` share one Hessian ``2 sum_t w_t x_t x_t^T`` of the expert's own
+tokens, and ``down_proj`` gets its own from the same forward. Only this modifier
+knows the weights, so those Linears skip GPTQ's per-Linear hooks.
 
 With ``batched_expert_statistics`` (default on), the all-mode blocks also stop
 calling their experts as modules: they compute every expert from its weights and
@@ -43,9 +49,11 @@ from pydantic import Field, PrivateAttr
 
 from . import distributed
 from .base import MoECalibrationModule
+from .batched_experts import GatedMLP
+from .modes import WeightedMode
 from .upstream import global_hooks_attached
 
-__all__ = ["SharedHessianGPTQModifier"]
+__all__ = ["SharedHessianGPTQModifier", "with_shared_hessian_gptq"]
 
 # Per-row scales let many Linears be quantized as one tall matrix against one
 # Hessian; per-tensor scales (TENSOR, TENSOR_GROUP e.g. NVFP4) cannot be stacked so.
@@ -65,7 +73,8 @@ class SharedHessianGPTQModifier(GPTQModifier):
     rows_per_call: int = Field(default=16384, ge=1)
     batched_expert_statistics: bool = True
 
-    # block -> the Linears that see exactly its input tokens
+    # group (an MoE block, or one expert in a weighted mode) -> the Linears that
+    # share one Hessian
     _shared_members: dict[torch.nn.Module, list[torch.nn.Module]] = PrivateAttr(
         default_factory=dict
     )
@@ -78,6 +87,13 @@ class SharedHessianGPTQModifier(GPTQModifier):
     _shared_num_samples: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(
         default_factory=dict
     )
+    # weighted modes: an expert's input projection -> its group, and every Linear
+    # whose statistics only consume_weighted accumulates
+    _weighted_group_of: dict[torch.nn.Module, torch.nn.Module] = PrivateAttr(
+        default_factory=dict
+    )
+    _weighted_members: set[torch.nn.Module] = PrivateAttr(default_factory=set)
+    _dispatchers: list = PrivateAttr(default_factory=list)
     # down_proj -> Hessian and sample count from batched all-expert forwards
     _consumed_hessians: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(
         default_factory=dict
@@ -94,8 +110,12 @@ class SharedHessianGPTQModifier(GPTQModifier):
             for module in self._module_names
             if getattr_chain(module, "quantization_scheme.weights", None) is not None
         }
+        weighted_blocks = 0
         for block in state.model.modules():
             if not isinstance(block, MoECalibrationModule):
+                continue
+            if isinstance(block.calibration_mode, WeightedMode):
+                weighted_blocks += self._take_weighted_block(block, targeted)
                 continue
             members = [m for m in block.shared_input_linears() if m in targeted]
             if len(members) < 2:
@@ -105,23 +125,55 @@ class SharedHessianGPTQModifier(GPTQModifier):
                 self._member_of[member] = block
             self.register_hook(block, self._accumulate_block_input, "forward")
             if self.batched_expert_statistics:
-                block.dispatcher.consumer = self
-        shared = sum(len(m) for m in self._shared_members.values())
-        if not shared:
-            logger.warning(
-                "SharedHessianGPTQModifier: no MoE block calibrates in 'all' mode, so "
-                "no Linears share inputs and this runs as plain GPTQ. Set "
-                "MoECalibrationModifier mode: all (before this modifier) to share."
+                self._consume_for(block.dispatcher)
+        if weighted_blocks:
+            logger.info(
+                f"Routing-weighted Hessians for the experts of {weighted_blocks} MoE "
+                "block(s)"
             )
+        shared = len(self._member_of)
+        if not shared:
+            if not weighted_blocks:
+                logger.warning(
+                    "SharedHessianGPTQModifier: no MoE block calibrates in 'all' "
+                    "mode, so no Linears share inputs and this runs as plain GPTQ. "
+                    "Set MoECalibrationModifier mode: all (before this modifier) to "
+                    "share."
+                )
             return
         logger.info(
-            f"Shared Hessians: {shared} Linears in {len(self._shared_members)} MoE "
-            "block(s) share one Hessian per block"
+            f"Shared Hessians: {shared} Linears in {len(set(self._member_of.values()))}"
+            " MoE block(s) share one Hessian per block"
         )
 
+    def _take_weighted_block(self, block: MoECalibrationModule, targeted) -> bool:
+        dispatcher = block.dispatcher
+        if block.writes_own_forward() or not dispatcher.supports_weighted_statistics():
+            logger.warning(
+                f"{dispatcher.name}: mode {block.calibration_mode.spec()!r} needs "
+                "experts computed by the plugin's dispatcher as gated MLPs; they are "
+                "calibrated on the mode's tokens unweighted"
+            )
+            return False
+        mlps = dispatcher.gated_mlps()
+        for expert, mlp in zip(dispatcher.experts, mlps, strict=True):
+            inputs = [m for m in (mlp.gate_proj, mlp.up_proj) if m in targeted]
+            if inputs:
+                self._shared_members[expert] = inputs
+                self._weighted_group_of[mlp.gate_proj] = expert
+            self._weighted_members.update(inputs)
+            if mlp.down_proj in targeted:
+                self._weighted_members.add(mlp.down_proj)
+        self._consume_for(dispatcher)
+        return True
+
+    def _consume_for(self, dispatcher) -> None:
+        dispatcher.consumer = self
+        self._dispatchers.append(dispatcher)
+
     def calibrate_module(self, module, args, _output):
-        if module in self._member_of:
-            return  # accumulated once per block in _accumulate_block_input
+        if module in self._member_of or module in self._weighted_members:
+            return  # accumulated here, once per group or with routing weights
         super().calibrate_module(module, args, _output)
 
     # -- ExpertInputConsumer (batched all-expert forwards) -------------------------
@@ -164,6 +216,38 @@ class SharedHessianGPTQModifier(GPTQModifier):
         rows = inputs.to(GPTQ_PRECISION)
         hessian.addmm_(rows.t(), rows, alpha=2.0)
         self._consumed_num_samples[down_proj] += 1
+
+    def consume_weighted(
+        self,
+        mlp: GatedMLP,
+        tokens: torch.Tensor,
+        intermediate: torch.Tensor,
+        weights: torch.Tensor,
+    ) -> None:
+        """One expert's calibration tokens [n, hidden], its ``down_proj`` inputs
+        [n, intermediate] and each token's weight [n]: adds ``2 sum w x x^T`` to
+        the expert's input Hessian and to its ``down_proj`` Hessian."""
+        group = self._weighted_group_of.get(mlp.gate_proj)
+        if group is not None:
+            if group not in self._shared_hessians:
+                width = tokens.shape[-1]
+                self._shared_hessians[group] = torch.zeros(
+                    (width, width), device=tokens.device, dtype=GPTQ_PRECISION
+                )
+                self._shared_num_samples[group] = torch.zeros((), device=tokens.device)
+            _add_weighted(self._shared_hessians[group], tokens, weights)
+            self._shared_num_samples[group] += 1
+        if mlp.down_proj in self._weighted_members:
+            hessian = self._consumed_hessians.get(mlp.down_proj)
+            if hessian is None:
+                width = intermediate.shape[-1]
+                hessian = torch.zeros(
+                    (width, width), device=intermediate.device, dtype=GPTQ_PRECISION
+                )
+                self._consumed_hessians[mlp.down_proj] = hessian
+                self._consumed_num_samples[mlp.down_proj] = 0
+            _add_weighted(hessian, intermediate, weights)
+            self._consumed_num_samples[mlp.down_proj] += 1
 
     def _merge_consumed_statistics(self) -> None:
         for module in list(self._consumed_hessians):
@@ -275,11 +359,32 @@ class SharedHessianGPTQModifier(GPTQModifier):
                 f"Failed to compress the shared-Hessian Linears of "
                 f"{len(self._shared_hessians)} MoE block(s)"
             )
-        for block in self._shared_members:
-            block.dispatcher.consumer = None
+        for dispatcher in self._dispatchers:
+            dispatcher.consumer = None
+        self._dispatchers.clear()
         self._shared_members.clear()
         self._member_of.clear()
+        self._weighted_group_of.clear()
+        self._weighted_members.clear()
         return super().on_finalize(state, **kwargs)
+
+
+def with_shared_hessian_gptq(modifiers: list) -> list:
+    """``modifiers`` with every plain ``GPTQModifier`` replaced by a
+    ``SharedHessianGPTQModifier`` of the same fields (weighted modes need it)."""
+    return [
+        SharedHessianGPTQModifier(**m.model_dump(exclude_unset=True))
+        if type(m) is GPTQModifier
+        else m
+        for m in modifiers
+    ]
+
+
+def _add_weighted(hessian: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor):
+    """``hessian += 2 rows^T diag(weights) rows``, GPTQ's ``2 X^T X`` weighted."""
+    rows = rows.to(GPTQ_PRECISION)
+    weighted = rows * weights.to(device=rows.device, dtype=GPTQ_PRECISION)[:, None]
+    hessian.addmm_(weighted.t(), rows, alpha=2.0)
 
 
 ModifierFactory.register("SharedHessianGPTQModifier", SharedHessianGPTQModifier)

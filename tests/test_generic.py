@@ -115,6 +115,42 @@ def test_every_mode_keeps_outputs_and_calibrates_as_it_says(family, dtype):
         assert not isinstance(block.experts, CalibrationExperts)
 
 
+@pytest.mark.parametrize("family", GENERIC_FAMILIES)
+def test_weighted_mode_hands_every_family_its_weighted_statistics(family):
+    """With a weighting consumer (SharedHessianGPTQModifier), every expert's
+    routed and floor tokens reach it once, with positive weights, and the
+    model's outputs stay the original's."""
+    model = linearized(family, torch.float32)
+    ids = torch.randint(2, 200, TOKENS)
+    with torch.no_grad():
+        expected = model(ids).logits
+    received: dict[int, list[torch.Tensor]] = {}
+
+    class Consumer:
+        def accepts(self, linears):
+            return True
+
+        def consume_weighted(self, mlp, tokens, intermediate, weights):
+            assert intermediate.shape[0] == tokens.shape[0] == weights.shape[0]
+            received.setdefault(id(mlp.down_proj), []).append(weights)
+
+    with moe_calibration_context(model, mode="weighted:2", floor=12) as swapped:
+        for block in swapped.blocks:
+            block.replacement.dispatcher.consumer = Consumer()
+        with torch.no_grad():
+            actual = model(ids).logits
+        report = swapped.coverage()
+        experts = {
+            block.name: block.replacement.dispatcher.experts for block in swapped.blocks
+        }
+    assert torch.equal(actual, expected)
+    for block in report.blocks:
+        for index, expert in enumerate(experts[block.name]):
+            weights = torch.cat(received.get(id(expert.down_proj), [torch.zeros(0)]))
+            assert weights.numel() == block.calibrated[index] >= 12
+            assert (weights > 0).all()
+
+
 def test_llama4_experts_are_not_taken_by_the_generic_path():
     """Llama4's linearized experts take pre-scaled tokens and no routing."""
     model = linearized("llama4_vl", torch.float32)

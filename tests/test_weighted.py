@@ -1,0 +1,276 @@
+"""Weighted modes: each expert's GPTQ Hessians weight its tokens by the routing
+weight to a power, near-miss (floor) tokens by a prior; outputs stay the original
+block's; without a weighting consumer the token choice is calibrated unweighted."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from llmcompressor import oneshot
+from transformers import AutoModelForCausalLM
+
+from llmcompressor_moe_plugins import (
+    MoECalibrationModifier,
+    SharedHessianGPTQModifier,
+    last_coverage_report,
+    upstream,
+)
+from llmcompressor_moe_plugins.compat import cpu_only_calibration
+from llmcompressor_moe_plugins.modes import WeightedMode, parse_mode
+from llmcompressor_moe_plugins.modules.glm4_moe import CalibrationGlm4MoeMoE
+
+from .helpers import calibration_module, relative_error
+from .modules.test_glm4_moe import linearized_block
+
+
+class RecordingConsumer:
+    """Takes weighted statistics as SharedHessianGPTQModifier does, and keeps them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def accepts(self, linears) -> bool:
+        return True
+
+    def consume_weighted(self, mlp, tokens, intermediate, weights):
+        self.calls.append((mlp, tokens.clone(), intermediate.clone(), weights.clone()))
+
+
+def expected_choice(block, x, power, prior, floor):
+    """Per expert: {token: weight}, from the router's own output and the rules
+    (routed: |c|**power; the floor's top-ups: prior x mean routed weight)."""
+    logits, topk_weights, topk_indices = block.gate(x)
+    num_experts = logits.shape[-1]
+    routing = torch.zeros(x.shape[0], num_experts).scatter_(
+        1, topk_indices, topk_weights.float()
+    )
+    routed = routing != 0
+    powered = routing.abs().pow(power)
+    prior_weight = prior * powered.sum() / routed.sum()
+    affinity = logits.sigmoid()
+    choice = []
+    for expert in range(num_experts):
+        tokens = {
+            int(t): float(powered[t, expert]) for t in routed[:, expert].nonzero()
+        }
+        missing = max(0, floor - len(tokens))
+        candidates = affinity[:, expert].masked_fill(routed[:, expert], -torch.inf)
+        for t in candidates.topk(min(missing, x.shape[0] - len(tokens))).indices:
+            tokens[int(t)] = float(prior_weight)
+        choice.append(tokens)
+    return choice
+
+
+@pytest.mark.parametrize("power", [1, 2])
+@pytest.mark.parametrize("floor", [0, 20])
+def test_consumer_gets_each_experts_tokens_with_their_weights(power, floor):
+    block = linearized_block()
+    x = torch.randn(45, 128)
+    with torch.no_grad():
+        expected_output = block(x)
+    mode = f"weighted:{power},prior:0.2"
+    module = calibration_module(
+        CalibrationGlm4MoeMoE, block, block.config, mode, floor=floor
+    )
+    consumer = RecordingConsumer()
+    module.dispatcher.consumer = consumer
+    with torch.no_grad():
+        output = module(x)
+        expected = expected_choice(block, x, power, 0.2, floor)
+    assert torch.equal(output, expected_output)
+
+    by_expert = {id(mlp.gate_proj): call for mlp, *call in consumer.calls}
+    for index, expert in enumerate(module.dispatcher.experts):
+        if not expected[index]:
+            assert id(expert.gate_proj) not in by_expert  # no empty call
+            continue
+        tokens, intermediate, weights = by_expert[id(expert.gate_proj)]
+        # which tokens: match rows back to x
+        rows = [int((x == row).all(dim=1).nonzero()) for row in tokens]
+        assert sorted(rows) == sorted(expected[index])
+        for row, weight in zip(rows, weights.tolist(), strict=True):
+            assert weight == pytest.approx(expected[index][row], rel=1e-6)
+        with torch.no_grad():
+            reference = F.silu(expert.gate_proj(tokens)) * expert.up_proj(tokens)
+        assert relative_error(intermediate, reference) < 1e-6
+    counts = module.dispatcher.counts()
+    assert counts[1] == [len(tokens) for tokens in expected]
+
+
+def test_without_a_weighting_consumer_the_token_choice_is_calibrated_unweighted():
+    """AWQ, range observers, plain GPTQ: the experts are called on the routed
+    tokens plus the floor's, and see nothing else."""
+    block = linearized_block()
+    x = torch.randn(45, 128)
+    module = calibration_module(
+        CalibrationGlm4MoeMoE, block, block.config, "weighted:2", floor=20
+    )
+    seen = {}
+    for index, expert in enumerate(module.dispatcher.experts):
+        expert.gate_proj.register_forward_pre_hook(
+            lambda _m, args, i=index: seen.setdefault(i, []).append(args[0].shape[0])
+        )
+    with torch.no_grad():
+        expected_output = block(x)
+        seen.clear()
+        output = module(x)
+        expected = expected_choice(block, x, 2, 0.1, 20)
+    assert torch.equal(output, expected_output)
+    for index, tokens in enumerate(expected):
+        assert sum(seen.get(index, [])) == len(tokens)
+
+
+def test_spellings_and_the_default_floor():
+    assert parse_mode("weighted:2") == WeightedMode(2.0)
+    assert parse_mode({"weighted": 1, "prior": 0.05}) == WeightedMode(1.0, 0.05)
+    assert parse_mode("weighted:1,prior:0.05").spec() == "weighted:1,prior:0.05"
+    # the floor's top-ups are the weighted modes' prior: on unless turned off
+    assert MoECalibrationModifier(mode="weighted:2").resolved_floor() == 16
+    assert MoECalibrationModifier(mode="weighted:2", floor=0).resolved_floor() == 0
+    assert MoECalibrationModifier(mode="routed").resolved_floor() == 0
+    for bad in ("weighted:0", "weighted:2,prior:0", "weighted:2,top:3", "weighted:x"):
+        with pytest.raises(ValueError, match="weighted"):
+            parse_mode(bad)
+
+
+@pytest.mark.slow
+def test_gptq_hessians_are_the_routing_weighted_sums(
+    glm4_dir, tokenizer, calibration_data, monkeypatch
+):
+    """The Hessians SharedHessianGPTQModifier quantizes each expert against equal
+    2 sum_t c_t^2 x x^T (gate/up, shared) and 2 sum_t c_t^2 h h^T (down_proj),
+    from the block inputs and routing of the calibration forwards."""
+    forwards = []  # (block, flat inputs, indices, weights) of calibrating forwards
+    original_route = CalibrationGlm4MoeMoE.route
+
+    def route(self, hidden_states):
+        routing = original_route(self, hidden_states)
+        if upstream.hooks_enabled():
+            flat = hidden_states.reshape(-1, hidden_states.shape[-1]).detach().clone()
+            forwards.append((self, flat, routing.indices.clone(), routing.weights))
+        return routing
+
+    monkeypatch.setattr(CalibrationGlm4MoeMoE, "route", route)
+
+    captured = []  # per compress_modules call: {Linear: normalized Hessian}
+    original_compress = SharedHessianGPTQModifier.compress_modules
+
+    def compress_modules(self):
+        hessians = {}
+        for group, hessian in self._shared_hessians.items():
+            for member in self._shared_members[group]:
+                hessians[member] = hessian / self._shared_num_samples[group]
+        for down, hessian in self._consumed_hessians.items():
+            hessians[down] = hessian / self._consumed_num_samples[down]
+        weights = {m: m.weight.detach().clone() for m in hessians}
+        captured.append((hessians, weights))
+        return original_compress(self)
+
+    monkeypatch.setattr(SharedHessianGPTQModifier, "compress_modules", compress_modules)
+
+    model = AutoModelForCausalLM.from_pretrained(glm4_dir)
+    with cpu_only_calibration():
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            dataset=calibration_data,
+            recipe=[
+                MoECalibrationModifier(mode="weighted:2", floor=0, rtn_fallback=True),
+                SharedHessianGPTQModifier(
+                    targets=["Linear"], scheme="W4A16", ignore=["lm_head"]
+                ),
+            ],
+            num_calibration_samples=len(calibration_data),
+            max_seq_length=64,
+        )
+    hessians, weights = {}, {}
+    for layer_hessians, layer_weights in captured:
+        hessians.update(layer_hessians)
+        weights.update(layer_weights)
+    checked, starved = 0, []
+    for block in {id(f[0]): f[0] for f in forwards}.values():
+        mine = [f for f in forwards if f[0] is block]
+        for index, expert in enumerate(block.dispatcher.experts):
+            if expert.gate_proj not in hessians:
+                starved.append(expert)
+                continue
+            gate_up = torch.zeros(128, 128, dtype=torch.float64)
+            down = None
+            calls = 0
+            for _, x, indices, routing_weights in mine:
+                tokens, slots = (indices == index).nonzero(as_tuple=True)
+                if not tokens.numel():
+                    continue
+                calls += 1
+                c2 = routing_weights[tokens, slots].double() ** 2
+                rows = x[tokens].double()
+                gate_up += 2 * (rows * c2[:, None]).t() @ rows
+                h = F.silu(rows @ weights[expert.gate_proj].double().t()) * (
+                    rows @ weights[expert.up_proj].double().t()
+                )
+                term = 2 * (h * c2[:, None]).t() @ h
+                down = term if down is None else down + term
+            assert calls
+            for linear in (expert.gate_proj, expert.up_proj):
+                assert relative_error(hessians[linear], gate_up / calls) < 1e-4
+            assert relative_error(hessians[expert.down_proj], down / calls) < 1e-4
+            checked += 1
+    # both MoE layers, 16 experts each: those routed no token are left to RTN
+    assert checked + len(starved) == 32 and checked >= 28
+    report = last_coverage_report()
+    assert len(report.rtn_fallback) == len(starved)
+    experts = [
+        (name, module)
+        for name, module in model.named_modules()
+        if ".experts." in name and isinstance(module, torch.nn.Linear)
+    ]
+    assert len(experts) == 2 * 16 * 3
+    for name, module in experts:
+        assert torch.isfinite(module.weight_scale).all(), name
+
+
+def test_plain_gptq_with_a_weighted_mode_stops_before_calibrating(
+    glm4_dir, tokenizer, calibration_data
+):
+    """Under GPTQModifier the weights would silently not apply: the run stops at
+    initialize, naming the fix, and the model is untouched."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    model = AutoModelForCausalLM.from_pretrained(glm4_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="SharedHessianGPTQModifier"):
+        with cpu_only_calibration():
+            oneshot(
+                model=model,
+                processor=tokenizer,
+                dataset=calibration_data,
+                recipe=[
+                    MoECalibrationModifier(mode="weighted:1"),
+                    GPTQModifier(targets=["Linear"], scheme="W4A16"),
+                ],
+                num_calibration_samples=len(calibration_data),
+                max_seq_length=64,
+            )
+    # oneshot linearized the fused experts before any modifier ran (upstream);
+    # every other tensor is as it was, and nothing was quantized
+    after = model.state_dict()
+    kept = before.keys() & after.keys()
+    assert len(kept) > len(before) - 5
+    assert all(torch.equal(before[k], after[k]) for k in kept)
+    assert not any(hasattr(m, "weight_scale") for m in model.modules())
+
+
+def test_cli_weighted_mode_runs_gptq_as_shared_hessian_gptq():
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    from llmcompressor_moe_plugins import cli
+
+    def gptq_types(*flags):
+        args = cli.build_parser().parse_args(["quantize", "--output", "o", *flags])
+        modifiers = cli._load_recipe_modifiers("glm4_moe_w4a16_gptq", args)
+        return [type(m) for m in modifiers if isinstance(m, GPTQModifier)]
+
+    assert gptq_types("--mode", "weighted:2,prior:0.05") == [SharedHessianGPTQModifier]
+    assert gptq_types("--mode", "routed") == [GPTQModifier]
+    assert gptq_types("--block-mode", "Glm4MoeMoE=weighted:1") == [
+        SharedHessianGPTQModifier
+    ]
