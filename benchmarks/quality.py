@@ -140,25 +140,6 @@ def docstrings(part: str) -> list[str]:
     return out
 
 
-def text_tokenizer(corpus: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(unk_token=None))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>"
-    )
-
-
 def files(part: str) -> list[str]:
     """Standard-library source (packages included, tests and GUI code left out)."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -193,7 +174,7 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
 def train(args) -> None:
     from transformers import Glm4MoeForCausalLM
 
-    from llmcompressor_moe_plugins.tiny import train_tokenizer
+    from llmcompressor_moe_plugins.tiny import train_bpe_tokenizer, train_tokenizer
 
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -201,7 +182,7 @@ def train(args) -> None:
     if args.kind == "code":
         tokenizer = train_tokenizer(vocab_size=1024, max_files=60)
     else:
-        tokenizer = text_tokenizer(corpus, vocab_size=2048)
+        tokenizer = train_bpe_tokenizer(corpus, vocab_size=2048)
     stream = token_stream(tokenizer, corpus)
     print(f"{args.kind}: {len(stream)} training tokens", flush=True)
     model = Glm4MoeForCausalLM(model_config(args.kind, len(tokenizer))).to(device)

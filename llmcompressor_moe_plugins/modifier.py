@@ -66,10 +66,11 @@ def save_coverage_files(report: CoverageReport, directory: str | Path) -> None:
 
 ModeSpec = str | dict[str, int | float]
 
-# Chosen from benchmarks/quality.py (see benchmarks/RESULTS.md): lowest mean
-# perplexity increase over all calibration budgets, never clearly worse than the
-# better of routed and all, at a fraction of all's cost.
-DEFAULT_MODE = "affinity:0.1"
+# Chosen from benchmarks/quality.py (README "Which mode"; benchmarks/RESULTS.md,
+# "Session 5"): the lowest mean perplexity increase over two trained models and
+# every budget measured, never worse than the better of routed and all beyond one
+# seed spread, at routed's cost (0.98x on Qwen3-30B-A3B shapes).
+DEFAULT_MODE = "weighted:2"
 # Tokens every expert is calibrated on at least under the default mode (or all
 # the calibration set has): sampling alone gives experts that a skewed router
 # never picks almost no tokens. 16 had the lowest mean perplexity increase of the
@@ -81,7 +82,9 @@ class MoECalibrationModifier(Modifier):
     """
     :param calibrate_all_experts: shorthand for ``mode: all`` / ``mode: routed``;
         unset, ``oneshot(moe_calibrate_all_experts=False)`` means routed and
-        otherwise the default mode, ``affinity:0.1`` with a floor, applies
+        otherwise the default mode, ``weighted:2`` with a floor, applies (its
+        weights need ``SharedHessianGPTQModifier``; under any other modifier it
+        calibrates on routed tokens plus the floor)
     :param mode: calibration mode for every block: ``routed``, ``all``,
         ``top_k:N``, ``min_tokens:K``, ``affinity[:S]`` or ``weighted:P[,prior:L]``
         (routing-weighted GPTQ Hessians, see ``modes.WeightedMode``); overrides
@@ -210,8 +213,9 @@ class MoECalibrationModifier(Modifier):
             self.resolved_min_tokens(),
         )
         _require_weighting_gptq(
-            [self.resolved_mode(), *self.block_modes.values()],
+            [self.mode, *self.block_modes.values()],
             active_session().lifecycle.recipe.modifiers,
+            default=self.resolved_mode() if self._mode_is_default() else None,
         )
         self._passes, self._checked = [], set()
         self._stopped_by_check = False
@@ -404,14 +408,28 @@ def _local_share_of_mode(spec: ModeSpec) -> ModeSpec:
     return spec
 
 
-def _require_weighting_gptq(specs: list, modifiers: list) -> None:
+def _require_weighting_gptq(specs: list, modifiers: list, default=None) -> None:
     """Weighted modes weight Hessians only SharedHessianGPTQModifier accumulates;
-    under plain GPTQModifier they would silently be unweighted."""
+    under plain GPTQModifier a chosen one would silently be unweighted, so that
+    stops the run. The default then calibrates its token choice (and says so)."""
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    weighted = [s for s in specs if isinstance(parse_mode(s), WeightedMode)]
     plain = [m for m in modifiers if type(m) is GPTQModifier]
-    if weighted and plain:
+    if not plain:
+        return
+    weighted = [
+        s for s in specs if s is not None and isinstance(parse_mode(s), WeightedMode)
+    ]
+    if not weighted and default is not None:
+        if isinstance(parse_mode(default), WeightedMode):
+            logger.info(
+                f"Default mode {default}: under GPTQModifier each expert is "
+                "calibrated on its routed tokens plus the floor, unweighted; "
+                "SharedHessianGPTQModifier (same fields) weights them by routing "
+                "weight, which measured better (README, 'Which mode')"
+            )
+        return
+    if weighted:
         raise ValueError(
             f"Calibration mode {parse_mode(weighted[0]).spec()!r} weights GPTQ "
             "Hessians by routing weight, which only SharedHessianGPTQModifier "

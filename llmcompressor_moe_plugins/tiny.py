@@ -16,6 +16,7 @@ import torch
 __all__ = [
     "stdlib_texts",
     "train_tokenizer",
+    "train_bpe_tokenizer",
     "tokenize_for_calibration",
     "tiny_glm4_moe_config",
     "build_tiny_glm4_moe",
@@ -41,6 +42,11 @@ def stdlib_texts(max_files: int | None = None, skip_files: int = 0) -> Iterator[
 
 def train_tokenizer(vocab_size: int = 512, max_files: int = 40):
     """A byte-level BPE tokenizer trained offline on standard-library source."""
+    return train_bpe_tokenizer(stdlib_texts(max_files), vocab_size)
+
+
+def train_bpe_tokenizer(texts: Iterator[str] | list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (``<pad>``, ``<eos>``) trained on ``texts``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,7 +59,7 @@ def train_tokenizer(vocab_size: int = 512, max_files: int = 40):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(stdlib_texts(max_files), trainer=trainer)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>"
     )

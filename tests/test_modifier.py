@@ -4,6 +4,7 @@ from llmcompressor.pipelines.registry import CalibrationPipeline
 from llmcompressor.recipe import Recipe
 
 from llmcompressor_moe_plugins import MoECalibrationModifier
+from llmcompressor_moe_plugins.modifier import DEFAULT_MODE
 
 
 def test_yaml_recipe_names_the_modifier_and_its_fields():
@@ -59,7 +60,7 @@ def test_affinity_strength_spelled_as_a_yaml_mapping():
 
 def test_mode_resolution_default_flag_and_explicit_settings():
     with upstream_flag():  # oneshot's default, moe_calibrate_all_experts=True
-        assert MoECalibrationModifier().resolved_mode() == "affinity:0.1"
+        assert MoECalibrationModifier().resolved_mode() == DEFAULT_MODE
         assert MoECalibrationModifier(mode="top_k:4").resolved_mode() == "top_k:4"
         assert (
             MoECalibrationModifier(calibrate_all_experts=True).resolved_mode() == "all"

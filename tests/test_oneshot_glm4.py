@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 import llmcompressor_moe_plugins as plugins
 from llmcompressor_moe_plugins import recipes
 from llmcompressor_moe_plugins.compat import cpu_only_calibration
+from llmcompressor_moe_plugins.modifier import DEFAULT_MODE
 
 from .helpers import quantization_config, relative_error, saved_tensor_names
 
@@ -79,7 +80,7 @@ def test_glm4_recipe_end_to_end(
     assert len(report.passes) == passes
     for calibration_pass in report.passes:
         for block in calibration_pass.blocks:
-            assert block.mode == "affinity:0.1"  # the recipes leave it to the default
+            assert block.mode == DEFAULT_MODE  # the recipes leave it to the default
             assert block.block_class == "Glm4MoeMoE"
             assert sum(block.routed) == TOKENS * 2
             assert all(

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import llmcompressor_moe_plugins as plugins
 from llmcompressor_moe_plugins.compat import cpu_only_calibration
+from llmcompressor_moe_plugins.modifier import DEFAULT_MODE
 
 from .helpers import quantization_config, relative_error, saved_tensor_names
 
@@ -73,9 +74,9 @@ def test_gptq_recipe_by_path(
         record=record_linear_inputs,
     )
     report = plugins.last_coverage_report()
-    # the recipe leaves the mode to the default: affinity-sampled
+    # the recipe leaves the mode to the default
     for layer, block in enumerate(report.blocks):
-        assert block.mode == "affinity:0.1"
+        assert block.mode == DEFAULT_MODE
         assert sum(block.routed) == NUM_SAMPLES * SEQ_LEN * 2
         assert all(c >= r for c, r in zip(block.calibrated, block.routed, strict=True))
         assert sum(block.calibrated) > sum(block.routed)
