@@ -421,7 +421,6 @@ def _load_recipe_modifiers(recipe: str, args: argparse.Namespace) -> list:
 
 def _uses_weighted_mode(ours) -> bool:
     from .modes import WeightedMode, parse_mode
-
     from .modifier import DEFAULT_MODE
 
     mode = ours.mode
