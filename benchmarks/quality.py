@@ -305,8 +305,9 @@ def calibration_dataset(model_dir: str, budget: str, seed: int):
 
 
 def mode_settings(mode: str) -> dict:
-    """``default``: the plugin's default (affinity:0.1 with its floor); ``M+floor:K``:
-    mode M with a floor of K tokens per expert; else the mode alone (no floor)."""
+    """``default``: the plugin's default mode with its floor; ``M+floor:K``: mode M
+    with a floor of K tokens per expert; else the mode with its own default floor
+    (16 for weighted modes, none for the others)."""
     if mode == "default":
         return {}
     spec, _, floor = mode.partition("+floor:")

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from loguru import logger
 
-from . import upstream
+from . import distributed, upstream
 from .batched_experts import (
     ExpertInputConsumer,
     GatedMLP,
@@ -178,7 +178,9 @@ class ExpertDispatcher:
         combined = torch.zeros_like(hidden_states)
         experts = self._callable_experts(hidden_states, calibrating)
         token_weights = (
-            self._token_weights(routed, indices, weights) if weighted else None
+            self._token_weights(routed, indices, weights)
+            if weighted is not None
+            else None
         )
         top_k = indices.shape[1]
         for expert_index in range(num_experts):
@@ -310,10 +312,12 @@ class ExpertDispatcher:
                 "(block_modes)."
             )
         if self._gated_mlps_are_close is None:
-            self._gated_mlps_are_close = all(
+            close = all(
                 matches_module(mlp, expert, hidden_states)
                 for mlp, expert in zip(mlps, self.experts, strict=True)
             )
+            # decided on each rank's own probe tokens: raise on all or none
+            self._gated_mlps_are_close = not distributed.any_rank(not close)
             self._gated_mlps_are_exact = self._gated_mlps_are_close and all(
                 matches_module(mlp, expert, hidden_states, exact=True)
                 for mlp, expert in zip(mlps, self.experts, strict=True)

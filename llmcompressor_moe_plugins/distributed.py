@@ -595,7 +595,7 @@ def compress_shared_hessians(modifier: Any) -> None:
         return torch.zeros((width, width), device=device, dtype=GPTQ_PRECISION)
 
     names = {
-        block: f"{modifier._module_names[members[0]]} (shared block input)"
+        block: f"{modifier._module_names[members[0]]} (shared Hessian)"
         for block, members in members_of.items()
     }
     blocks = align_statistics(

@@ -176,8 +176,8 @@ DEFAULT_PRIOR = 0.1
 class WeightedMode(CalibrationMode):
     """Routing-weighted statistics: each token counts in an expert's GPTQ Hessian
     with its routing weight to the power ``power``; the floor's near-miss top-ups
-    (unrouted tokens of starved experts) count ``prior`` times the layer's mean
-    routed weight.
+    (unrouted tokens of starved experts) count ``prior`` times the mean of
+    ``|c| ** power`` over the forward's routed (token, expert) pairs.
 
     Why: an expert's quantization error reaches the block output scaled by the
     token's routing weight ``c``: output error ``c * dE(x)``. The layer-wise

@@ -183,9 +183,11 @@ class MoECalibrationModifier(Modifier):
         if self.floor is not None:
             return self.floor
         # a mode the user chose runs as chosen; the default comes with its floor,
-        # and so do weighted modes (the floor's top-ups are their prior's tokens)
+        # and so do weighted modes, also per block (the floor's top-ups are their
+        # prior's tokens; the one floor then applies to every block)
         chosen = not self._mode_is_default() or not get_calibrate_all_experts_flag()
-        if chosen and not isinstance(parse_mode(self.resolved_mode()), WeightedMode):
+        specs = [self.resolved_mode(), *self.block_modes.values()]
+        if chosen and not any(isinstance(parse_mode(s), WeightedMode) for s in specs):
             return 0
         return DEFAULT_FLOOR
 
@@ -314,8 +316,9 @@ class MoECalibrationModifier(Modifier):
     def _close_pass(
         self, swapped: SwappedBlocks | None = None, reduce: bool = True
     ) -> None:
-        """Keep the pass's counts (summed over ranks unless ``reduce`` is False:
-        every rank must then call it at the same point) and reset them."""
+        """Keep the pass's counts and reset them. With ``reduce`` (every rank
+        calls it at the same point) the counts are summed over ranks; without it
+        (a rank failing alone) they are this rank's own."""
         swapped = swapped or self._swapped
         if swapped is None:
             return

@@ -133,17 +133,30 @@ def test_spellings_and_the_default_floor():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("observed", [False, True])
 def test_gptq_hessians_are_the_routing_weighted_sums(
-    glm4_dir, tokenizer, calibration_data, monkeypatch
+    glm4_dir, tokenizer, calibration_data, monkeypatch, observed
 ):
     """The Hessians SharedHessianGPTQModifier quantizes each expert against equal
     2 sum_t c_t^2 x x^T (gate/up, shared) and 2 sum_t c_t^2 h h^T (down_proj),
-    from the block inputs and routing of the calibration forwards."""
+    from the block inputs and routing of the calibration forwards. ``observed``:
+    another hook listens on the experts, so they are called as modules and GPTQ's
+    own per-Linear hooks fire, which must add nothing."""
     forwards = []  # (block, flat inputs, indices, weights) of calibrating forwards
+
+    def listener(*_):
+        pass
+
     original_route = CalibrationGlm4MoeMoE.route
 
     def route(self, hidden_states):
         routing = original_route(self, hidden_states)
+        if observed:  # a listener besides GPTQ on every expert's down_proj
+            for expert in self.dispatcher.experts:
+                if not any(
+                    h is listener for h in expert.down_proj._forward_hooks.values()
+                ):
+                    expert.down_proj.register_forward_hook(listener)
         if upstream.hooks_enabled():
             flat = hidden_states.reshape(-1, hidden_states.shape[-1]).detach().clone()
             forwards.append((self, flat, routing.indices.clone(), routing.weights))
@@ -152,9 +165,12 @@ def test_gptq_hessians_are_the_routing_weighted_sums(
     monkeypatch.setattr(CalibrationGlm4MoeMoE, "route", route)
 
     captured = []  # per compress_modules call: {Linear: normalized Hessian}
+    leaked = []
     original_compress = SharedHessianGPTQModifier.compress_modules
 
     def compress_modules(self):
+        # GPTQ's own hooks must not have accumulated anything for these Linears
+        leaked.extend(m for m in self._hessians if m in self._weighted_members)
         hessians = {}
         for group, hessian in self._shared_hessians.items():
             for member in self._shared_members[group]:
@@ -182,6 +198,7 @@ def test_gptq_hessians_are_the_routing_weighted_sums(
             num_calibration_samples=len(calibration_data),
             max_seq_length=64,
         )
+    assert not leaked
     hessians, weights = {}, {}
     for layer_hessians, layer_weights in captured:
         hessians.update(layer_hessians)
