@@ -420,17 +420,13 @@ def _load_recipe_modifiers(recipe: str, args: argparse.Namespace) -> list:
 
 
 def _uses_weighted_mode(ours) -> bool:
-    from .modes import WeightedMode, parse_mode
+    from .modes import any_weighted
     from .modifier import DEFAULT_MODE
 
     mode = ours.mode
     if mode is None and ours.calibrate_all_experts is None:
         mode = DEFAULT_MODE  # the CLI never turns oneshot's all-experts flag off
-    specs = [mode, *ours.block_modes.values()]
-    return any(
-        spec is not None and isinstance(parse_mode(spec), WeightedMode)
-        for spec in specs
-    )
+    return any_weighted([mode, *ours.block_modes.values()])
 
 
 # -- dataset ----------------------------------------------------------------------

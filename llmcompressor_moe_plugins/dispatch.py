@@ -289,11 +289,6 @@ class ExpertDispatcher:
 
     # -- routing-weighted statistics ------------------------------------------
 
-    def supports_weighted_statistics(self) -> bool:
-        """Whether this block's experts can be computed from their weights (gated
-        MLPs), which weighted statistics need."""
-        return self.gated_mlps() is not None
-
     def _weighted_consumer(self, hidden_states: torch.Tensor):
         """The consumer of routing-weighted statistics, or None where the mode is
         not weighted or nobody accumulates weighted Hessians (then the mode's
@@ -335,9 +330,7 @@ class ExpertDispatcher:
     def _token_weights(
         self, routed: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
-        routing_weights = torch.zeros(
-            routed.shape, device=routed.device, dtype=torch.float32
-        ).scatter_(1, indices, weights.float())
+        routing_weights = dense_routing_weights(routed, indices, weights)
         return self.mode.token_weights(routing_weights, routed)
 
     def _run_weighted(
@@ -360,13 +353,13 @@ class ExpertDispatcher:
         if not pieces:
             return None
         with torch.no_grad():
-            intermediates = [mlp.intermediate(hidden_states[t]) for t in pieces]
-            tokens = torch.cat(pieces)
+            rows = [hidden_states[t] for t in pieces]
+            intermediates = [mlp.intermediate(r) for r in rows]
             consumer.consume_weighted(
                 mlp,
-                hidden_states[tokens],
+                torch.cat(rows),
                 torch.cat(intermediates),
-                token_weights[tokens, expert_index],
+                token_weights[torch.cat(pieces), expert_index],
             )
         bypass = self._gated_mlps_are_exact and consumer.accepts(mlp.linears)
         if not bypass:
@@ -429,9 +422,7 @@ class ExpertDispatcher:
                 )
                 return None
         self._log_once("weights", "all-expert statistics computed from the weights")
-        routing_weights = torch.zeros(
-            routed.shape, device=routed.device, dtype=torch.float32
-        ).scatter_(1, indices, weights.float())
+        routing_weights = dense_routing_weights(routed, indices, weights)
         chunk = self._chunk_length(hidden_states, busiest)
         return forward_from_weights(
             mlps, hidden_states, routing_weights, chunk, consumer
@@ -469,6 +460,16 @@ class ExpertDispatcher:
         if key not in self._paths_logged:
             self._paths_logged.add(key)
             logger.debug(f"{self.name}: {message}")
+
+
+def dense_routing_weights(
+    routed: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """float32 [tokens, experts]: each token's routing weight for each expert,
+    zero where it is not routed."""
+    return torch.zeros(
+        routed.shape, device=routed.device, dtype=torch.float32
+    ).scatter_(1, indices, weights.float())
 
 
 def group_by_expert(

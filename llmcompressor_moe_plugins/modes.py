@@ -30,6 +30,7 @@ __all__ = [
     "MinTokensMode",
     "AffinitySampledMode",
     "WeightedMode",
+    "any_weighted",
     "parse_mode",
     "apply_floor",
     "MODE_NAMES",
@@ -230,6 +231,14 @@ class WeightedMode(CalibrationMode):
     def spec(self) -> str:
         text = f"weighted:{self.power:g}"
         return text if self.prior == DEFAULT_PRIOR else f"{text},prior:{self.prior:g}"
+
+
+def any_weighted(specs) -> bool:
+    """Whether any of these mode spellings (None: unset) is a weighted mode."""
+    return any(
+        spec is not None and isinstance(parse_mode(spec), WeightedMode)
+        for spec in specs
+    )
 
 
 def apply_floor(

@@ -43,7 +43,7 @@ from .checkpoint_check import check_quantized_tensors
 from .context import SwappedBlocks, swap_in_calibration_modules
 from .coverage import CalibrationPass, CoverageReport, UndercalibratedExpertsError
 from .fit import FitChange, FitPolicy, fit_schemes_to_model
-from .modes import MinTokensMode, WeightedMode, parse_mode
+from .modes import MinTokensMode, any_weighted, parse_mode
 from .rtn import fill_starved_activation_qparams, quantize_round_to_nearest
 from .seeding import restore_global_rng, seed_calibration_order
 
@@ -186,8 +186,9 @@ class MoECalibrationModifier(Modifier):
         # and so do weighted modes, also per block (the floor's top-ups are their
         # prior's tokens; the one floor then applies to every block)
         chosen = not self._mode_is_default() or not get_calibrate_all_experts_flag()
-        specs = [self.resolved_mode(), *self.block_modes.values()]
-        if chosen and not any(isinstance(parse_mode(s), WeightedMode) for s in specs):
+        if chosen and not any_weighted(
+            [self.resolved_mode(), *self.block_modes.values()]
+        ):
             return 0
         return DEFAULT_FLOOR
 
@@ -420,11 +421,9 @@ def _require_weighting_gptq(specs: list, modifiers: list, default=None) -> None:
     plain = [m for m in modifiers if type(m) is GPTQModifier]
     if not plain:
         return
-    weighted = [
-        s for s in specs if s is not None and isinstance(parse_mode(s), WeightedMode)
-    ]
+    weighted = [s for s in specs if any_weighted([s])]
     if not weighted and default is not None:
-        if isinstance(parse_mode(default), WeightedMode):
+        if any_weighted([default]):
             logger.info(
                 f"Default mode {default}: under GPTQModifier each expert is "
                 "calibrated on its routed tokens plus the floor, unweighted; "

@@ -73,8 +73,8 @@ class SharedHessianGPTQModifier(GPTQModifier):
     rows_per_call: int = Field(default=16384, ge=1)
     batched_expert_statistics: bool = True
 
-    # group (an MoE block, or one expert in a weighted mode) -> the Linears that
-    # share one Hessian
+    # group (an MoE block, or in a weighted mode an expert's gate_proj) -> the
+    # Linears that share one Hessian
     _shared_members: dict[torch.nn.Module, list[torch.nn.Module]] = PrivateAttr(
         default_factory=dict
     )
@@ -87,11 +87,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
     _shared_num_samples: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(
         default_factory=dict
     )
-    # weighted modes: an expert's input projection -> its group, and every Linear
-    # whose statistics only consume_weighted accumulates
-    _weighted_group_of: dict[torch.nn.Module, torch.nn.Module] = PrivateAttr(
-        default_factory=dict
-    )
+    # weighted modes: every Linear whose statistics only consume_weighted accumulates
     _weighted_members: set[torch.nn.Module] = PrivateAttr(default_factory=set)
     _dispatchers: list = PrivateAttr(default_factory=list)
     # down_proj -> Hessian and sample count from batched all-expert forwards
@@ -148,19 +144,18 @@ class SharedHessianGPTQModifier(GPTQModifier):
 
     def _take_weighted_block(self, block: MoECalibrationModule, targeted) -> bool:
         dispatcher = block.dispatcher
-        if block.writes_own_forward() or not dispatcher.supports_weighted_statistics():
+        mlps = None if block.writes_own_forward() else dispatcher.gated_mlps()
+        if mlps is None:
             logger.warning(
                 f"{dispatcher.name}: mode {block.calibration_mode.spec()!r} needs "
                 "experts computed by the plugin's dispatcher as gated MLPs; they are "
                 "calibrated on the mode's tokens unweighted"
             )
             return False
-        mlps = dispatcher.gated_mlps()
-        for expert, mlp in zip(dispatcher.experts, mlps, strict=True):
+        for mlp in mlps:
             inputs = [m for m in (mlp.gate_proj, mlp.up_proj) if m in targeted]
             if inputs:
-                self._shared_members[expert] = inputs
-                self._weighted_group_of[mlp.gate_proj] = expert
+                self._shared_members[mlp.gate_proj] = inputs
             self._weighted_members.update(inputs)
             if mlp.down_proj in targeted:
                 self._weighted_members.add(mlp.down_proj)
@@ -204,17 +199,19 @@ class SharedHessianGPTQModifier(GPTQModifier):
             or getattr_chain(down_proj, "quantization_scheme.weights", None) is None
         ):
             return  # not quantized by GPTQ: nothing to observe
+        self._consume_rows(down_proj, inputs)
+
+    def _consume_rows(self, down_proj, rows, weights=None) -> None:
+        # what accumulate_hessian adds for one 2-D call: 2 X^T X, one sample
         hessian = self._consumed_hessians.get(down_proj)
         if hessian is None:
-            width = inputs.shape[-1]
+            width = rows.shape[-1]
             hessian = torch.zeros(
-                (width, width), device=inputs.device, dtype=GPTQ_PRECISION
+                (width, width), device=rows.device, dtype=GPTQ_PRECISION
             )
             self._consumed_hessians[down_proj] = hessian
             self._consumed_num_samples[down_proj] = 0
-        # what accumulate_hessian adds for one 2-D call: 2 X^T X, one sample
-        rows = inputs.to(GPTQ_PRECISION)
-        hessian.addmm_(rows.t(), rows, alpha=2.0)
+        _add_rows(hessian, rows, weights)
         self._consumed_num_samples[down_proj] += 1
 
     def consume_weighted(
@@ -227,27 +224,18 @@ class SharedHessianGPTQModifier(GPTQModifier):
         """One expert's calibration tokens [n, hidden], its ``down_proj`` inputs
         [n, intermediate] and each token's weight [n]: adds ``2 sum w x x^T`` to
         the expert's input Hessian and to its ``down_proj`` Hessian."""
-        group = self._weighted_group_of.get(mlp.gate_proj)
-        if group is not None:
+        group = mlp.gate_proj
+        if group in self._shared_members:
             if group not in self._shared_hessians:
                 width = tokens.shape[-1]
                 self._shared_hessians[group] = torch.zeros(
                     (width, width), device=tokens.device, dtype=GPTQ_PRECISION
                 )
                 self._shared_num_samples[group] = torch.zeros((), device=tokens.device)
-            _add_weighted(self._shared_hessians[group], tokens, weights)
+            _add_rows(self._shared_hessians[group], tokens, weights)
             self._shared_num_samples[group] += 1
         if mlp.down_proj in self._weighted_members:
-            hessian = self._consumed_hessians.get(mlp.down_proj)
-            if hessian is None:
-                width = intermediate.shape[-1]
-                hessian = torch.zeros(
-                    (width, width), device=intermediate.device, dtype=GPTQ_PRECISION
-                )
-                self._consumed_hessians[mlp.down_proj] = hessian
-                self._consumed_num_samples[mlp.down_proj] = 0
-            _add_weighted(hessian, intermediate, weights)
-            self._consumed_num_samples[mlp.down_proj] += 1
+            self._consume_rows(mlp.down_proj, intermediate, weights)
 
     def _merge_consumed_statistics(self) -> None:
         for module in list(self._consumed_hessians):
@@ -364,7 +352,6 @@ class SharedHessianGPTQModifier(GPTQModifier):
         self._dispatchers.clear()
         self._shared_members.clear()
         self._member_of.clear()
-        self._weighted_group_of.clear()
         self._weighted_members.clear()
         return super().on_finalize(state, **kwargs)
 
@@ -380,11 +367,16 @@ def with_shared_hessian_gptq(modifiers: list) -> list:
     ]
 
 
-def _add_weighted(hessian: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor):
-    """``hessian += 2 rows^T diag(weights) rows``, GPTQ's ``2 X^T X`` weighted."""
+def _add_rows(
+    hessian: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None = None
+):
+    """``hessian += 2 rows^T diag(weights) rows``: GPTQ's ``2 X^T X``, weighted
+    per row where ``weights`` are given."""
     rows = rows.to(GPTQ_PRECISION)
-    weighted = rows * weights.to(device=rows.device, dtype=GPTQ_PRECISION)[:, None]
-    hessian.addmm_(weighted.t(), rows, alpha=2.0)
+    left = rows
+    if weights is not None:
+        left = rows * weights.to(device=rows.device, dtype=GPTQ_PRECISION)[:, None]
+    hessian.addmm_(left.t(), rows, alpha=2.0)
 
 
 ModifierFactory.register("SharedHessianGPTQModifier", SharedHessianGPTQModifier)
