@@ -291,6 +291,12 @@ def baseline_predictions_path(model_dir: str) -> Path:
     return Path(model_dir) / "baseline_top1.pt"
 
 
+def baseline_ppl(model_dir: str) -> float:
+    """The unquantized model's held-out perplexity: every run records it, so the
+    report pairs each run with the model it quantized, even across retrainings."""
+    return float((Path(model_dir) / "baseline_ppl.txt").read_text())
+
+
 def calibration_dataset(model_dir: str, budget: str, seed: int):
     from datasets import Dataset
 
@@ -382,6 +388,7 @@ def _run_one(job: dict) -> dict:
     return {
         **{k: job[k] for k in ("algorithm", "budget", "seed", "mode")},
         "model": model_kind(job["model_dir"]),
+        "base_ppl": baseline_ppl(job["model_dir"]),
         "ppl": ppl,
         "top1_agreement": float((predictions == baseline).float().mean()),
         "oneshot_s": seconds,
@@ -411,6 +418,7 @@ def sweep(args) -> None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         ppl, predictions = evaluate(model.to(device), eval_windows(args.model_dir))
         torch.save(predictions, baseline_predictions_path(args.model_dir))
+        (Path(args.model_dir) / "baseline_ppl.txt").write_text(repr(ppl))
         kind = model_kind(args.model_dir)
         _append(out, {"baseline": True, "model": kind, "ppl": ppl})
         print(f"{kind}: unquantized held-out perplexity {ppl:.3f}")
