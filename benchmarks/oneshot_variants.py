@@ -197,7 +197,9 @@ VARIANTS = {
     "upstream all": (None, True, GPTQModifier, AUTO, {}),
     "upstream routed": (None, False, GPTQModifier, AUTO, {}),
     "ours routed": ("routed", False, GPTQModifier, AUTO, {}),
-    # what a user gets from MoECalibrationModifier(): affinity:0.1 with a floor
+    # MoECalibrationModifier() with plain GPTQModifier: the default mode's token
+    # choice, unweighted (sessions before 6: affinity:0.1 with a floor); the
+    # shipped recipes' default is "ours weighted:2+shared"
     "ours default": (DEFAULT, True, GPTQModifier, AUTO, {}),
     "ours all": ("all", True, GPTQModifier, AUTO, {}),
     # experts computed from their weights, down_proj inputs handed over

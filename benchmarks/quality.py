@@ -458,7 +458,7 @@ def _append(path: Path, record: dict) -> None:
 
 
 def report(args) -> None:
-    records = [json.loads(line) for path in args.results for line in _lines(Path(path))]
+    baselines, runs = load_results(args.results)
     if args.timing:
         # times from a separate uncontended sweep (--jobs 1) replace the main
         # sweep's, which ran settings side by side
@@ -467,23 +467,16 @@ def report(args) -> None:
             r = json.loads(line)
             if not r.get("baseline"):
                 timed[r["algorithm"], str(r["budget"]), r["mode"]] = r["oneshot_s"]
-        for r in records:
-            if not r.get("baseline"):
-                key = (r["algorithm"], str(r["budget"]), r["mode"])
-                r["oneshot_s"] = timed.get(key, float("nan"))
-    for r in records:
-        r["model"] = r.get("model", "code")
-        if not r.get("baseline"):
-            r["budget"] = _budget_label(r["budget"])
+        for r in runs:
+            r["oneshot_s"] = timed.get(
+                (r["algorithm"], r["budget"], r["mode"]), float("nan")
+            )
     cells: dict[tuple, dict] = {}  # (algorithm, model, mode, budget) -> stats
-    for kind in sorted({r["model"] for r in records}):
-        baseline = next(
-            r["ppl"] for r in records if r.get("baseline") and r["model"] == kind
-        )
-        runs = [r for r in records if not r.get("baseline") and r["model"] == kind]
+    for kind, baseline in baselines.items():
+        of_model = [r for r in runs if r["model"] == kind]
         print(f"\n## model {kind}: unquantized held-out perplexity {baseline:.3f}")
-        for algorithm in sorted({r["algorithm"] for r in runs}):
-            subset = [r for r in runs if r["algorithm"] == algorithm]
+        for algorithm in sorted({r["algorithm"] for r in of_model}):
+            subset = [r for r in of_model if r["algorithm"] == algorithm]
             budgets = sorted({r["budget"] for r in subset}, key=_budget_tokens)
             modes = [m for m in MODES if any(r["mode"] == m for r in subset)]
             modes += sorted({r["mode"] for r in subset} - set(modes))
@@ -496,6 +489,64 @@ def report(args) -> None:
             _table(algorithm, cell, modes, budgets)
     for algorithm in sorted({key[0] for key in cells}):
         _verdict(algorithm, cells)
+
+
+def load_results(paths: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """Every file's runs, each with the unquantized model it quantized.
+
+    A run belongs to the model whose perplexity it records (``base_ppl``; older
+    runs: the file's baseline line above it). A kind trained twice into different
+    weights becomes two models (``text#1``, ``text#2``); trained into the same
+    weights, one. A run found in several files (a cell finished by re-running its
+    sweep) is counted once, and the report says whether it reproduced.
+    """
+    file_runs: list[tuple[float, dict]] = []
+    for path in paths:
+        file_baseline: dict[str, float] = {}
+        for line in _lines(Path(path)):
+            r = json.loads(line)
+            kind = r.get("model", "code")
+            if r.get("baseline"):
+                file_baseline[kind] = r["ppl"]
+                continue
+            r["model"] = kind
+            r["budget"] = _budget_label(r["budget"])
+            file_runs.append((r.get("base_ppl", file_baseline[kind]), r))
+    trainings: dict[str, list[float]] = {}
+    for base, r in file_runs:
+        seen = trainings.setdefault(r["model"], [])
+        if base not in seen:
+            seen.append(base)
+    names = {
+        (kind, base): kind if len(bases) == 1 else f"{kind}#{index + 1}"
+        for kind, bases in trainings.items()
+        for index, base in enumerate(bases)
+    }
+    baselines = {names[key]: key[1] for key in sorted(names, key=names.get)}
+    runs: dict[tuple, dict] = {}
+    repeated, differing = 0, []
+    for base, r in file_runs:
+        r["model"] = names[r["model"], base]
+        key = (r["model"], r["algorithm"], r["budget"], r["seed"], r["mode"])
+        first = runs.setdefault(key, r)
+        if first is not r:
+            repeated += 1
+            if (first["ppl"], first.get("top1_agreement")) != (
+                r["ppl"],
+                r.get("top1_agreement"),
+            ):
+                differing.append(f"{key}: ppl {first['ppl']:.4f} vs {r['ppl']:.4f}")
+    if repeated:
+        print(
+            f"{repeated} runs appear in more than one file; "
+            + (
+                f"{len(differing)} did not reproduce (first kept): "
+                + "; ".join(differing)
+                if differing
+                else "every repeat reproduced its perplexity and top-1 exactly"
+            )
+        )
+    return baselines, list(runs.values())
 
 
 def _budget_label(budget) -> str:
@@ -560,7 +611,10 @@ def _verdict(algorithm: str, cells: dict) -> None:
     """Issue 14's rule: the default is the mode with the lowest mean increase over
     both models and all budgets, provided it is never worse than the better of
     routed and all by more than one seed spread at any (model, budget)."""
-    places = sorted({(k[1], k[3]) for k in cells if k[0] == algorithm})
+    places = sorted(
+        {(k[1], k[3]) for k in cells if k[0] == algorithm},
+        key=lambda place: (place[0], _budget_tokens(place[1])),
+    )
     modes = sorted({k[2] for k in cells if k[0] == algorithm})
     print(f"\n{algorithm.upper()}: the default rule over {len(places)} (model, budget)")
     ranked = []
@@ -582,7 +636,7 @@ def _verdict(algorithm: str, cells: dict) -> None:
                 worse_at.append(f"{kind} {budget} (+{c['mean'] - best['mean']:.2f})")
         mean = statistics.fmean(c["mean"] for c in here)
         agree = statistics.fmean(c["agree"] for c in here)
-        ranked.append((mean, mode))
+        ranked.append((mean, mode, not worse_at))
         print(
             f"  {mode:<22} mean increase {mean:+.3f}%, top-1 agreement {agree:.2f}%; "
             + (
@@ -591,9 +645,27 @@ def _verdict(algorithm: str, cells: dict) -> None:
                 else "never worse than the best of routed/all beyond one spread"
             )
         )
-    eligible = [(mean, mode) for mean, mode in sorted(ranked)]
-    if eligible:
-        print(f"  lowest mean: {eligible[0][1]} ({eligible[0][0]:+.3f}%)")
+    ranked.sort()
+    if ranked:
+        print(f"  lowest mean: {ranked[0][1]} ({ranked[0][0]:+.3f}%)")
+    eligible = [mode for _, mode, never_worse in ranked if never_worse]
+    print(
+        f"  the default by the rule: {eligible[0]}"
+        if eligible
+        else "  no mode meets the whole rule"
+    )
+    print("  best mode per (model, budget), and its lead over the next:")
+    for kind, budget in places:
+        here = sorted(
+            (c["mean"], m)
+            for (a, k, m, b), c in cells.items()
+            if (a, k, b) == (algorithm, kind, budget)
+        )
+        lead = here[1][0] - here[0][0] if len(here) > 1 else float("nan")
+        print(
+            f"    {kind} {budget}: {here[0][1]} ({here[0][0]:+.2f}), "
+            f"{lead:.2f} ahead of {here[1][1] if len(here) > 1 else '-'}"
+        )
 
 
 def main() -> None:

@@ -1,0 +1,70 @@
+"""The quality report pairs each run with the model it quantized and counts a run
+re-made to finish a cell once (benchmarks/quality.py, issue 14's evidence)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+QUALITY = Path(__file__).parents[1] / "benchmarks" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality", QUALITY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(seed, ppl, mode="routed", **extra):
+    return {"algorithm": "gptq", "budget": "2x64", "seed": seed, "mode": mode,
+            "model": "code", "ppl": ppl, "top1_agreement": 0.9, "oneshot_s": 1.0,
+            "tokens_min": 16, **extra}  # fmt: skip
+
+
+def write(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_a_repeated_run_counts_once_and_a_retraining_is_its_own_model(
+    quality, tmp_path, capsys
+):
+    first = write(tmp_path / "a.jsonl", [
+        {"baseline": True, "model": "code", "ppl": 10.0},
+        run(0, 10.5),  # no base_ppl: the file's baseline line
+        run(1, 10.6),
+    ])  # fmt: skip
+    second = write(tmp_path / "b.jsonl", [
+        {"baseline": True, "model": "code", "ppl": 10.0},
+        run(1, 10.6, base_ppl=10.0),  # the same run, reproduced
+        run(2, 10.7, base_ppl=10.0),
+        {"baseline": True, "model": "code", "ppl": 11.0},
+        run(0, 11.5, base_ppl=11.0),  # a different training
+    ])  # fmt: skip
+
+    baselines, runs = quality.load_results([first, second])
+
+    assert baselines == {"code#1": 10.0, "code#2": 11.0}
+    seeds = sorted((r["model"], r["seed"]) for r in runs)
+    assert seeds == [("code#1", 0), ("code#1", 1), ("code#1", 2), ("code#2", 0)]
+    assert "1 runs appear in more than one file; every repeat reproduced" in (
+        capsys.readouterr().out
+    )
+
+
+def test_a_repeat_that_did_not_reproduce_is_named(quality, tmp_path, capsys):
+    first = write(tmp_path / "a.jsonl", [
+        {"baseline": True, "model": "code", "ppl": 10.0}, run(0, 10.5),
+    ])  # fmt: skip
+    second = write(tmp_path / "b.jsonl", [
+        {"baseline": True, "model": "code", "ppl": 10.0}, run(0, 10.9),
+    ])  # fmt: skip
+
+    baselines, runs = quality.load_results([first, second])
+
+    assert baselines == {"code": 10.0}
+    assert [r["ppl"] for r in runs] == [10.5]  # the first kept
+    assert "1 did not reproduce" in capsys.readouterr().out
