@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", required=True)
     parser.add_argument("--mode", default="all")
     parser.add_argument("--min-tokens", type=int, default=None)
+    parser.add_argument("--floor", type=int, default=None, help="default: the mode's")
     parser.add_argument("--rtn-fallback", action="store_true")
     parser.add_argument("--modifier", choices=["gptq", "shared"], default="gptq")
     parser.add_argument(
@@ -68,8 +69,12 @@ def build_recipe(args):
         gptq = GPTQModifier(**kwargs)
     else:
         gptq = SharedHessianGPTQModifier(**kwargs)
+    floor = {} if args.floor is None else {"floor": args.floor}
     ours = MoECalibrationModifier(
-        mode=args.mode, min_tokens=args.min_tokens, rtn_fallback=args.rtn_fallback
+        mode=args.mode,
+        min_tokens=args.min_tokens,
+        rtn_fallback=args.rtn_fallback,
+        **floor,
     )
     return [ours, gptq]
 

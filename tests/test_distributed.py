@@ -180,6 +180,9 @@ def test_alignment_gives_both_ranks_the_same_keys(checks):
 # -- two processes, gloo: llmcompressor's distributed oneshot -----------------------
 
 NUM_SAMPLES = 8
+# 7 Linears in the dense layer; per MoE layer 4 attention, 16 experts' gate/up
+# (one Hessian each) and down_proj, the shared expert's 3 (plain GPTQ)
+HESSIAN_REDUCTIONS_WEIGHTED = 7 + 2 * (4 + 16 + 16 + 3)
 
 
 @pytest.fixture(scope="module")
@@ -333,6 +336,49 @@ def test_two_ranks_routed_match_one_process(oneshot_inputs, tmp_path):
     assert ranks[0]["coverage_rank"] != ranks[1]["coverage_rank"]
     flips = int4_flips(weights(tmp_path / "one"), weights(tmp_path / "two"))
     assert flips < 0.002, flips
+
+
+@pytest.mark.slow
+def test_two_ranks_weighted_match_one_process(oneshot_inputs, tmp_path):
+    """weighted:2 under torchrun. Routing is the same in every run here
+    (propagate_error=False).
+
+    - Without the floor: each expert's routing-weighted Hessians (gate/up shared,
+      down_proj) are summed over the ranks once per expert and equal the
+      one-process run's, so the weights do, up to GPTQ noise.
+    - The default floor (16): each rank tops up its share from its own near-miss
+      tokens, so the run's global counts meet the floor with the same routed
+      counts. Those top-ups differ from one process's (and so do the weights of
+      the experts they reach); the sums themselves are the case above.
+    """
+    options = ["--num-samples", str(NUM_SAMPLES), "--mode", "weighted:2"]
+    options += ["--modifier", "shared", "--no-propagate"]
+    no_floor = [*options, "--floor", "0", "--rtn-fallback"]
+    [reference] = run_oneshot(oneshot_inputs, tmp_path / "one", 1, *no_floor)
+    ranks = run_oneshot(oneshot_inputs, tmp_path / "two", 2, *no_floor)
+
+    assert_ranks_hold_the_same_model(tmp_path / "two", 2)
+    assert ranks[0]["coverage_global"] == reference["coverage_global"]
+    assert ranks[0]["coverage_rank"] != ranks[1]["coverage_rank"]
+    flips = int4_flips(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    assert flips < 0.002, flips
+    # weighted Hessians cannot be shared across experts; the experts no token
+    # reached (round-to-nearest, reported) have none to reduce
+    starved = reference["coverage_global"]["rtn_fallback"]
+    assert starved
+    expected = HESSIAN_REDUCTIONS_WEIGHTED - 2 * len(starved)
+    assert ranks[0]["hessian_reductions"] == expected
+
+    floored = run_oneshot(oneshot_inputs, tmp_path / "floor", 2, *options)
+    assert_ranks_hold_the_same_model(tmp_path / "floor", 2)
+    assert floored[0]["coverage_global"] == floored[1]["coverage_global"]
+    assert not floored[0]["coverage_global"]["rtn_fallback"]
+    blocks = last_pass(floored[0]["coverage_global"])
+    expected_blocks = last_pass(reference["coverage_global"])
+    for block, expected_block in zip(blocks, expected_blocks, strict=True):
+        assert block["routed"] == expected_block["routed"]
+        assert min(block["calibrated"]) >= 16
+    assert floored[0]["hessian_reductions"] == HESSIAN_REDUCTIONS_WEIGHTED
 
 
 @pytest.mark.slow
