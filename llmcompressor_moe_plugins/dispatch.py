@@ -88,6 +88,9 @@ class ExpertDispatcher:
         (token, slot), as a loop over ``torch.where(indices == e)`` does
     :param floor: every expert is calibrated on at least this many tokens per pass
         (or all there are), topped up with its highest-affinity candidates
+    :param weights_required: a weighted mode stops the run where the experts
+        cannot be computed from their weights; False (the default mode, not the
+        user's choice) calibrates its token choice unweighted there instead
     """
 
     def __init__(
@@ -102,6 +105,7 @@ class ExpertDispatcher:
         rank: int = 0,
         order: Literal["slot", "token"] = "slot",
         default_activation: Callable | None = None,
+        weights_required: bool = True,
     ):
         if chunk_size != AUTO_CHUNK and (
             not isinstance(chunk_size, int) or chunk_size < 1
@@ -120,6 +124,7 @@ class ExpertDispatcher:
         self.chunk_size = chunk_size
         self.order = order
         self.default_activation = default_activation
+        self.weights_required = weights_required
         self.generator = torch.Generator().manual_seed(block_seed(seed, name, rank))
         # per calibration pass; kept on the routing's device (no sync to add)
         self.routed_counts: torch.Tensor | None = None
@@ -300,11 +305,11 @@ class ExpertDispatcher:
             return None
         mlps = self.gated_mlps()
         if mlps is None:
-            raise RouterScoresUnavailable(
-                f"MoE block {self.name}: mode {self.mode.spec()!r} computes its "
-                "experts from their weights, but they are not gated MLPs "
-                "(gate_proj/up_proj/down_proj). Use another mode for this block "
-                "(block_modes)."
+            return self._unweighted(
+                RouterScoresUnavailable,
+                None,
+                "computes its experts from their weights, but they are not gated "
+                "MLPs (gate_proj/up_proj/down_proj)",
             )
         if self._gated_mlps_are_close is None:
             close = all(
@@ -318,14 +323,39 @@ class ExpertDispatcher:
                 for mlp, expert in zip(mlps, self.experts, strict=True)
             )
         if not self._gated_mlps_are_close:
-            raise RuntimeError(
-                f"MoE block {self.name}: mode {self.mode.spec()!r} computes its "
-                "experts from their weights, and that does not reproduce the "
-                "experts' own forward (an activation this plugin does not know). "
-                "Use another mode for this block (block_modes)."
+            return self._unweighted(
+                RuntimeError,
+                mlps,
+                "computes its experts from their weights, and that does not "
+                "reproduce the experts' own forward (an activation this plugin "
+                "does not know)",
             )
         self._log_once("weighted", "routing-weighted statistics from the weights")
         return consumer
+
+    def _unweighted(
+        self, error: type[Exception], mlps: list[GatedMLP] | None, why: str
+    ) -> None:
+        """A block whose experts cannot be weighted: stop if the user chose the
+        weighted mode; else hand the experts back to the consumer's per-Linear
+        statistics (before any expert runs: this is the block's first forward)
+        and calibrate the mode's token choice unweighted, said once."""
+        if self.weights_required:
+            raise error(
+                f"MoE block {self.name}: mode {self.mode.spec()!r} {why}. Use "
+                "another mode for this block (block_modes)."
+            )
+        if mlps is not None and hasattr(self.consumer, "release_weighted"):
+            self.consumer.release_weighted(mlps)
+        self.consumer = None
+        if "unweighted" not in self._paths_logged:
+            self._paths_logged.add("unweighted")
+            logger.warning(
+                f"MoE block {self.name}: the default mode {self.mode.spec()!r} "
+                f"{why}; calibrating its tokens unweighted (choose a mode to "
+                "silence this)"
+            )
+        return None
 
     def _token_weights(
         self, routed: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor

@@ -162,6 +162,15 @@ class SharedHessianGPTQModifier(GPTQModifier):
         self._consume_for(dispatcher)
         return True
 
+    def release_weighted(self, mlps: list[GatedMLP]) -> None:
+        """The dispatcher cannot weight these experts (the default mode on experts
+        it cannot compute): GPTQ's own per-Linear hooks take them, unweighted."""
+        for mlp in mlps:
+            self._shared_members.pop(mlp.gate_proj, None)
+            self._weighted_members.difference_update(
+                (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+            )
+
     def _consume_for(self, dispatcher) -> None:
         dispatcher.consumer = self
         self._dispatchers.append(dispatcher)

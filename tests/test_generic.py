@@ -115,11 +115,22 @@ def test_every_mode_keeps_outputs_and_calibrates_as_it_says(family, dtype):
         assert not isinstance(block.experts, CalibrationExperts)
 
 
-@pytest.mark.parametrize("family", GENERIC_FAMILIES)
+# the default mode weights every family it calibrates: all but llama4 (its
+# linearized experts take pre-scaled tokens; the text model does not build with
+# llmcompressor's Llama4 converter) and longcat_flash (not linearized upstream)
+WEIGHTED_FAMILIES = [
+    family
+    for family in FAMILIES
+    if family not in {"llama4", "llama4_vl", "longcat_flash"}
+]
+
+
+@pytest.mark.parametrize("family", WEIGHTED_FAMILIES)
 def test_weighted_mode_hands_every_family_its_weighted_statistics(family):
     """With a weighting consumer (SharedHessianGPTQModifier), every expert's
-    routed and floor tokens reach it once, with positive weights, and the
-    model's outputs stay the original's."""
+    routed and floor tokens reach it once, with positive weights computed from
+    the expert weights (no family falls back to unweighted), and the model's
+    outputs stay the original's."""
     model = linearized(family, torch.float32)
     ids = torch.randint(2, 200, TOKENS)
     with torch.no_grad():
@@ -144,6 +155,7 @@ def test_weighted_mode_hands_every_family_its_weighted_statistics(family):
             block.name: block.replacement.dispatcher.experts for block in swapped.blocks
         }
     assert torch.equal(actual, expected)
+    assert report.blocks
     for block in report.blocks:
         for index, expert in enumerate(experts[block.name]):
             weights = torch.cat(received.get(id(expert.down_proj), [torch.zeros(0)]))

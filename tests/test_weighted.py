@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 from llmcompressor_moe_plugins import (
     MoECalibrationModifier,
     SharedHessianGPTQModifier,
+    dispatch,
     last_coverage_report,
     upstream,
 )
@@ -299,3 +300,63 @@ def test_cli_weighted_mode_runs_gptq_as_shared_hessian_gptq(tmp_path):
     assert gptq_types("--block-mode", "Glm4MoeMoE=weighted:1") == [
         SharedHessianGPTQModifier
     ]
+
+
+def run_weighted_gptq(model, tokenizer, calibration_data, **modifier_fields):
+    with cpu_only_calibration():
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            dataset=calibration_data,
+            recipe=[
+                MoECalibrationModifier(rtn_fallback=True, **modifier_fields),
+                SharedHessianGPTQModifier(
+                    targets=["Linear"], scheme="W4A16", ignore=["lm_head"]
+                ),
+            ],
+            num_calibration_samples=len(calibration_data),
+            max_seq_length=64,
+        )
+
+
+def test_experts_the_plugin_cannot_compute_stop_a_chosen_weighted_mode(
+    glm4_dir, tokenizer, calibration_data, monkeypatch
+):
+    """Experts whose forward the plugin's weight-computed MLP does not reproduce
+    (an activation it does not know; simulated): a weighted mode the user chose
+    stops the run at the first MoE layer, naming the fix."""
+    monkeypatch.setattr(dispatch, "matches_module", lambda *_, **__: False)
+    model = AutoModelForCausalLM.from_pretrained(glm4_dir)
+    with pytest.raises(RuntimeError, match=r"model\.layers\.1\.mlp.*block_modes"):
+        run_weighted_gptq(model, tokenizer, calibration_data, mode="weighted:2")
+
+
+def test_experts_the_plugin_cannot_compute_take_the_default_unweighted(
+    glm4_dir, tokenizer, calibration_data, monkeypatch
+):
+    """The same experts under the default mode (not the user's choice): the run
+    goes on, and GPTQ's own hooks give every expert Linear its Hessian from the
+    default's token choice (routed plus the floor), unweighted."""
+    monkeypatch.setattr(dispatch, "matches_module", lambda *_, **__: False)
+    accumulated = []  # expert Linears GPTQ's own hooks accumulated, per layer
+    original_compress = SharedHessianGPTQModifier.compress_modules
+
+    def compress_modules(self):
+        assert not self._consumed_hessians  # nothing weighted reached GPTQ
+        accumulated.extend(self._module_names[m] for m in self._hessians)
+        return original_compress(self)
+
+    monkeypatch.setattr(SharedHessianGPTQModifier, "compress_modules", compress_modules)
+    model = AutoModelForCausalLM.from_pretrained(glm4_dir)
+    run_weighted_gptq(model, tokenizer, calibration_data)
+
+    report = last_coverage_report()
+    assert not report.rtn_fallback
+    for block in report.blocks:
+        assert (block.mode, block.floor) == ("weighted:2", 16)
+        assert min(block.calibrated) >= 16
+    experts = [n for n in accumulated if ".experts." in n]
+    assert len(experts) == 2 * 16 * 3  # two MoE layers, every expert Linear
+    for name, module in model.named_modules():
+        if ".experts." in name and isinstance(module, torch.nn.Linear):
+            assert torch.isfinite(module.weight_scale).all(), name
