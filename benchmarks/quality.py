@@ -466,7 +466,8 @@ def report(args) -> None:
         for line in _lines(Path(args.timing)):
             r = json.loads(line)
             if not r.get("baseline"):
-                timed[r["algorithm"], str(r["budget"]), r["mode"]] = r["oneshot_s"]
+                key = (r["algorithm"], _budget_label(r["budget"]), r["mode"])
+                timed[key] = r["oneshot_s"]
         for r in runs:
             r["oneshot_s"] = timed.get(
                 (r["algorithm"], r["budget"], r["mode"]), float("nan")
@@ -498,7 +499,8 @@ def load_results(paths: list[str]) -> tuple[dict[str, float], list[dict]]:
     runs: the file's baseline line above it). A kind trained twice into different
     weights becomes two models (``text#1``, ``text#2``); trained into the same
     weights, one. A run found in several files (a cell finished by re-running its
-    sweep) is counted once, and the report says whether it reproduced.
+    sweep) is counted once, and the report says whether it reproduced. Runs that
+    record ``base_ppl`` need no baseline line in their file.
     """
     file_runs: list[tuple[float, dict]] = []
     for path in paths:
@@ -511,7 +513,8 @@ def load_results(paths: list[str]) -> tuple[dict[str, float], list[dict]]:
                 continue
             r["model"] = kind
             r["budget"] = _budget_label(r["budget"])
-            file_runs.append((r.get("base_ppl", file_baseline[kind]), r))
+            base = r["base_ppl"] if "base_ppl" in r else file_baseline[kind]
+            file_runs.append((base, r))
     trainings: dict[str, list[float]] = {}
     for base, r in file_runs:
         seen = trainings.setdefault(r["model"], [])
@@ -538,7 +541,7 @@ def load_results(paths: list[str]) -> tuple[dict[str, float], list[dict]]:
                 differing.append(f"{key}: ppl {first['ppl']:.4f} vs {r['ppl']:.4f}")
     if repeated:
         print(
-            f"{repeated} runs appear in more than one file; "
+            f"{repeated} runs appear more than once; "
             + (
                 f"{len(differing)} did not reproduce (first kept): "
                 + "; ".join(differing)

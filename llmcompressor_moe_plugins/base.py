@@ -106,10 +106,10 @@ class MoECalibrationModule(torch.nn.Module):
         chunk_size: int | str = AUTO_CHUNK,
         seed: int = 0,
         rank: int = 0,
-        weights_required: bool = True,
+        weighting_required: bool = True,
     ) -> None:
         """Give this block its dispatcher (called once, after construction).
-        ``weights_required=False`` (a weighted mode the user did not choose): where
+        ``weighting_required=False`` (a weighted mode the user did not choose): where
         this block's experts cannot be computed from their weights, calibrate the
         mode's token choice unweighted instead of stopping."""
         experts = self.expert_modules()
@@ -126,7 +126,7 @@ class MoECalibrationModule(torch.nn.Module):
             rank=rank,
             order=self.dispatch_order,
             default_activation=self.default_expert_activation,
-            weights_required=weights_required,
+            weighting_required=weighting_required,
         )
 
     def dispatch(self, hidden_states: torch.Tensor, routing: Routing) -> torch.Tensor:

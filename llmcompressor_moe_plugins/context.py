@@ -292,7 +292,7 @@ def swap_in_calibration_modules(
                 chunk_size=chunk_size,
                 seed=seed,
                 rank=world()[0],
-                weights_required=explicit or not mode_is_default,
+                weighting_required=explicit or not mode_is_default,
             )
             model.set_submodule(plan.target, replacement)
             swapped.blocks.append(SwappedBlock(plan, original, replacement))

@@ -88,7 +88,7 @@ class ExpertDispatcher:
         (token, slot), as a loop over ``torch.where(indices == e)`` does
     :param floor: every expert is calibrated on at least this many tokens per pass
         (or all there are), topped up with its highest-affinity candidates
-    :param weights_required: a weighted mode stops the run where the experts
+    :param weighting_required: a weighted mode stops the run where the experts
         cannot be computed from their weights; False (the default mode, not the
         user's choice) calibrates its token choice unweighted there instead
     """
@@ -105,7 +105,7 @@ class ExpertDispatcher:
         rank: int = 0,
         order: Literal["slot", "token"] = "slot",
         default_activation: Callable | None = None,
-        weights_required: bool = True,
+        weighting_required: bool = True,
     ):
         if chunk_size != AUTO_CHUNK and (
             not isinstance(chunk_size, int) or chunk_size < 1
@@ -124,7 +124,7 @@ class ExpertDispatcher:
         self.chunk_size = chunk_size
         self.order = order
         self.default_activation = default_activation
-        self.weights_required = weights_required
+        self.weighting_required = weighting_required
         self.generator = torch.Generator().manual_seed(block_seed(seed, name, rank))
         # per calibration pass; kept on the routing's device (no sync to add)
         self.routed_counts: torch.Tensor | None = None
@@ -340,7 +340,7 @@ class ExpertDispatcher:
         weighted mode; else hand the experts back to the consumer's per-Linear
         statistics (before any expert runs: this is the block's first forward)
         and calibrate the mode's token choice unweighted, said once."""
-        if self.weights_required:
+        if self.weighting_required:
             raise error(
                 f"MoE block {self.name}: mode {self.mode.spec()!r} {why}. Use "
                 "another mode for this block (block_modes)."

@@ -145,6 +145,13 @@ class SharedHessianGPTQModifier(GPTQModifier):
     def _take_weighted_block(self, block: MoECalibrationModule, targeted) -> bool:
         dispatcher = block.dispatcher
         mlps = None if block.writes_own_forward() else dispatcher.gated_mlps()
+        if mlps is None and getattr(dispatcher, "weighting_required", True):
+            raise ValueError(
+                f"MoE block {dispatcher.name}: mode "
+                f"{block.calibration_mode.spec()!r} computes its experts from their "
+                "weights, but they are not gated MLPs (gate_proj/up_proj/"
+                "down_proj). Use another mode for this block (block_modes)."
+            )
         if mlps is None:
             logger.warning(
                 f"{dispatcher.name}: mode {block.calibration_mode.spec()!r} needs "

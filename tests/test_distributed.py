@@ -339,7 +339,9 @@ def test_two_ranks_routed_match_one_process(oneshot_inputs, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_weighted_match_one_process(oneshot_inputs, tmp_path):
+def test_two_ranks_weighted_sums_match_one_process_and_meet_the_floor(
+    oneshot_inputs, tmp_path
+):
     """weighted:2 under torchrun. Routing is the same in every run here
     (propagate_error=False).
 

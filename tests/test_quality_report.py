@@ -4,6 +4,7 @@ re-made to finish a cell once (benchmarks/quality.py, issue 14's evidence)."""
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -50,7 +51,7 @@ def test_a_repeated_run_counts_once_and_a_retraining_is_its_own_model(
     assert baselines == {"code#1": 10.0, "code#2": 11.0}
     seeds = sorted((r["model"], r["seed"]) for r in runs)
     assert seeds == [("code#1", 0), ("code#1", 1), ("code#1", 2), ("code#2", 0)]
-    assert "1 runs appear in more than one file; every repeat reproduced" in (
+    assert "1 runs appear more than once; every repeat reproduced" in (
         capsys.readouterr().out
     )
 
@@ -68,3 +69,35 @@ def test_a_repeat_that_did_not_reproduce_is_named(quality, tmp_path, capsys):
     assert baselines == {"code": 10.0}
     assert [r["ppl"] for r in runs] == [10.5]  # the first kept
     assert "1 did not reproduce" in capsys.readouterr().out
+
+
+def test_runs_that_record_their_model_need_no_baseline_line(quality, tmp_path):
+    """A second sweep file for a model folder that already has its baseline."""
+    first = write(tmp_path / "a.jsonl", [
+        {"baseline": True, "model": "code", "ppl": 10.0}, run(0, 10.5),
+    ])  # fmt: skip
+    second = write(tmp_path / "b.jsonl", [run(1, 10.6, base_ppl=10.0)])
+
+    baselines, runs = quality.load_results([first, second])
+
+    assert baselines == {"code": 10.0}
+    assert sorted(r["seed"] for r in runs) == [0, 1]
+
+
+def test_report_takes_times_from_a_timing_sweep(quality, tmp_path, capsys):
+    """--timing replaces the contended sweep's times, matched by budget label
+    (the timing file may spell a budget as a bare token count)."""
+    results = write(tmp_path / "a.jsonl", [
+        {"baseline": True, "model": "code", "ppl": 10.0},
+        run(0, 10.5, budget="2x64"),
+        run(0, 10.4, mode="all", budget="2x64"),
+    ])  # fmt: skip
+    timing = write(tmp_path / "t.jsonl", [
+        run(0, 10.5, budget=128, oneshot_s=2.0),
+        run(0, 10.4, mode="all", budget=128, oneshot_s=3.0),
+    ])  # fmt: skip
+
+    quality.report(SimpleNamespace(results=[results], timing=timing))
+
+    table = capsys.readouterr().out
+    assert "1.50x" in table and "nan" not in table

@@ -319,25 +319,36 @@ def run_weighted_gptq(model, tokenizer, calibration_data, **modifier_fields):
         )
 
 
+@pytest.fixture(params=["unknown_activation", "not_gated_mlps"])
+def uncomputable_experts(request, monkeypatch):
+    """Simulates experts the plugin cannot compute from their weights: an
+    activation it does not know (its MLP does not reproduce theirs), or experts
+    that are not gate/up/down MLPs at all."""
+    if request.param == "unknown_activation":
+        monkeypatch.setattr(dispatch, "matches_module", lambda *_, **__: False)
+    else:
+        monkeypatch.setattr(dispatch.ExpertDispatcher, "gated_mlps", lambda _: None)
+    return request.param
+
+
 def test_experts_the_plugin_cannot_compute_stop_a_chosen_weighted_mode(
-    glm4_dir, tokenizer, calibration_data, monkeypatch
+    glm4_dir, tokenizer, calibration_data, uncomputable_experts
 ):
-    """Experts whose forward the plugin's weight-computed MLP does not reproduce
-    (an activation it does not know; simulated): a weighted mode the user chose
-    stops the run at the first MoE layer, naming the fix."""
-    monkeypatch.setattr(dispatch, "matches_module", lambda *_, **__: False)
+    """A weighted mode the user chose on such experts stops the run, at the first
+    MoE layer at the latest, naming the fix."""
     model = AutoModelForCausalLM.from_pretrained(glm4_dir)
-    with pytest.raises(RuntimeError, match=r"model\.layers\.1\.mlp.*block_modes"):
+    with pytest.raises(
+        (RuntimeError, ValueError), match=r"model\.layers\.1\.mlp.*block_modes"
+    ):
         run_weighted_gptq(model, tokenizer, calibration_data, mode="weighted:2")
 
 
 def test_experts_the_plugin_cannot_compute_take_the_default_unweighted(
-    glm4_dir, tokenizer, calibration_data, monkeypatch
+    glm4_dir, tokenizer, calibration_data, monkeypatch, uncomputable_experts
 ):
     """The same experts under the default mode (not the user's choice): the run
     goes on, and GPTQ's own hooks give every expert Linear its Hessian from the
     default's token choice (routed plus the floor), unweighted."""
-    monkeypatch.setattr(dispatch, "matches_module", lambda *_, **__: False)
     accumulated = []  # expert Linears GPTQ's own hooks accumulated, per layer
     original_compress = SharedHessianGPTQModifier.compress_modules
 
