@@ -52,6 +52,12 @@ AUTO_CHUNK = "auto"
 _MIN_AUTO_CHUNK = 32
 
 
+NOT_GATED_MLPS = (
+    "computes its experts from their weights, but they are not gated MLPs "
+    "(gate_proj/up_proj/down_proj)"
+)
+
+
 class RouterScoresUnavailable(ValueError):
     """A mode needs per-token affinities that this block's router does not give."""
 
@@ -305,12 +311,7 @@ class ExpertDispatcher:
             return None
         mlps = self.gated_mlps()
         if mlps is None:
-            return self._unweighted(
-                RouterScoresUnavailable,
-                None,
-                "computes its experts from their weights, but they are not gated "
-                "MLPs (gate_proj/up_proj/down_proj)",
-            )
+            return self.weighting_unavailable(NOT_GATED_MLPS)
         if self._gated_mlps_are_close is None:
             close = all(
                 matches_module(mlp, expert, hidden_states)
@@ -323,23 +324,27 @@ class ExpertDispatcher:
                 for mlp, expert in zip(mlps, self.experts, strict=True)
             )
         if not self._gated_mlps_are_close:
-            return self._unweighted(
-                RuntimeError,
-                mlps,
+            return self.weighting_unavailable(
                 "computes its experts from their weights, and that does not "
                 "reproduce the experts' own forward (an activation this plugin "
                 "does not know)",
+                mlps,
+                error=RuntimeError,
             )
         self._log_once("weighted", "routing-weighted statistics from the weights")
         return consumer
 
-    def _unweighted(
-        self, error: type[Exception], mlps: list[GatedMLP] | None, why: str
+    def weighting_unavailable(
+        self,
+        why: str,
+        mlps: list[GatedMLP] | None = None,
+        error: type[Exception] = ValueError,
     ) -> None:
-        """A block whose experts cannot be weighted: stop if the user chose the
-        weighted mode; else hand the experts back to the consumer's per-Linear
-        statistics (before any expert runs: this is the block's first forward)
-        and calibrate the mode's token choice unweighted, said once."""
+        """This block's experts cannot be weighted (``why``): stop if the user
+        chose the weighted mode; else hand the experts back to the consumer's
+        per-Linear statistics (before any expert runs: this is the block's first
+        forward, or calibration start) and calibrate the mode's token choice
+        unweighted, said once."""
         if self.weighting_required:
             raise error(
                 f"MoE block {self.name}: mode {self.mode.spec()!r} {why}. Use "

@@ -50,6 +50,7 @@ from pydantic import Field, PrivateAttr
 from . import distributed
 from .base import MoECalibrationModule
 from .batched_experts import GatedMLP
+from .dispatch import NOT_GATED_MLPS
 from .modes import WeightedMode
 from .upstream import global_hooks_attached
 
@@ -143,21 +144,12 @@ class SharedHessianGPTQModifier(GPTQModifier):
         )
 
     def _take_weighted_block(self, block: MoECalibrationModule, targeted) -> bool:
+        # modules with their own expert loop never run weighted modes
+        # (LinearObserver refuses them), so this is the plugin's dispatcher
         dispatcher = block.dispatcher
-        mlps = None if block.writes_own_forward() else dispatcher.gated_mlps()
-        if mlps is None and getattr(dispatcher, "weighting_required", True):
-            raise ValueError(
-                f"MoE block {dispatcher.name}: mode "
-                f"{block.calibration_mode.spec()!r} computes its experts from their "
-                "weights, but they are not gated MLPs (gate_proj/up_proj/"
-                "down_proj). Use another mode for this block (block_modes)."
-            )
-        if mlps is None:
-            logger.warning(
-                f"{dispatcher.name}: mode {block.calibration_mode.spec()!r} needs "
-                "experts computed by the plugin's dispatcher as gated MLPs; they are "
-                "calibrated on the mode's tokens unweighted"
-            )
+        mlps = dispatcher.gated_mlps()
+        if mlps is None:  # stops a chosen mode; the default goes on unweighted
+            dispatcher.weighting_unavailable(NOT_GATED_MLPS)
             return False
         for mlp in mlps:
             inputs = [m for m in (mlp.gate_proj, mlp.up_proj) if m in targeted]
