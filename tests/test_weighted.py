@@ -36,6 +36,23 @@ class RecordingConsumer:
         self.calls.append((mlp, tokens.clone(), intermediate.clone(), weights.clone()))
 
 
+def run_weighted_gptq(model, tokenizer, calibration_data, **modifier_fields):
+    with cpu_only_calibration():
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            dataset=calibration_data,
+            recipe=[
+                MoECalibrationModifier(rtn_fallback=True, **modifier_fields),
+                SharedHessianGPTQModifier(
+                    targets=["Linear"], scheme="W4A16", ignore=["lm_head"]
+                ),
+            ],
+            num_calibration_samples=len(calibration_data),
+            max_seq_length=64,
+        )
+
+
 def expected_choice(block, x, power, prior, floor):
     """Per expert: {token: weight}, from the router's own output and the rules
     (routed: |c|**power; the floor's top-ups: prior x mean routed weight)."""
@@ -185,20 +202,7 @@ def test_gptq_hessians_are_the_routing_weighted_sums(
     monkeypatch.setattr(SharedHessianGPTQModifier, "compress_modules", compress_modules)
 
     model = AutoModelForCausalLM.from_pretrained(glm4_dir)
-    with cpu_only_calibration():
-        oneshot(
-            model=model,
-            processor=tokenizer,
-            dataset=calibration_data,
-            recipe=[
-                MoECalibrationModifier(mode="weighted:2", floor=0, rtn_fallback=True),
-                SharedHessianGPTQModifier(
-                    targets=["Linear"], scheme="W4A16", ignore=["lm_head"]
-                ),
-            ],
-            num_calibration_samples=len(calibration_data),
-            max_seq_length=64,
-        )
+    run_weighted_gptq(model, tokenizer, calibration_data, mode="weighted:2", floor=0)
     assert not leaked
     hessians, weights = {}, {}
     for layer_hessians, layer_weights in captured:
@@ -300,23 +304,6 @@ def test_cli_weighted_mode_runs_gptq_as_shared_hessian_gptq(tmp_path):
     assert gptq_types("--block-mode", "Glm4MoeMoE=weighted:1") == [
         SharedHessianGPTQModifier
     ]
-
-
-def run_weighted_gptq(model, tokenizer, calibration_data, **modifier_fields):
-    with cpu_only_calibration():
-        oneshot(
-            model=model,
-            processor=tokenizer,
-            dataset=calibration_data,
-            recipe=[
-                MoECalibrationModifier(rtn_fallback=True, **modifier_fields),
-                SharedHessianGPTQModifier(
-                    targets=["Linear"], scheme="W4A16", ignore=["lm_head"]
-                ),
-            ],
-            num_calibration_samples=len(calibration_data),
-            max_seq_length=64,
-        )
 
 
 @pytest.fixture(params=["unknown_activation", "not_gated_mlps"])
