@@ -24,7 +24,9 @@ from oneshot_variants import GLM4_SIZES  # benchmarks/ is the script's folder
 from transformers import Glm4MoeForCausalLM
 
 from llmcompressor_moe_plugins import parse_mode
-from llmcompressor_moe_plugins.modules.glm4_moe import CalibrationGlm4MoeMoE
+from llmcompressor_moe_plugins.calibration.architectures.glm4_moe import (
+    CalibrationGlm4MoeMoE,
+)
 from llmcompressor_moe_plugins.tiny import tiny_glm4_moe_config
 
 # (mode, chunk_size): "auto", a token count, or a fraction of the forward's tokens

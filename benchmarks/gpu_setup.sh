@@ -68,7 +68,7 @@ from datasets import Dataset
 from llmcompressor import oneshot  # noqa: F401
 
 from llmcompressor_moe_plugins import MoECalibrationModifier  # noqa: F401
-from llmcompressor_moe_plugins.registry import registered_names
+from llmcompressor_moe_plugins.calibration.registry import registered_names
 
 Dataset.from_dict({"input_ids": [[1, 2, 3]]})
 names = registered_names()

@@ -70,7 +70,9 @@ from llmcompressor_moe_plugins import (
     SharedHessianGPTQModifier,
     last_coverage_report,
 )
-from llmcompressor_moe_plugins.modules.glm4_moe import CalibrationGlm4MoeMoE
+from llmcompressor_moe_plugins.calibration.architectures.glm4_moe import (
+    CalibrationGlm4MoeMoE,
+)
 from llmcompressor_moe_plugins.tiny import (
     build_tiny_glm4_moe,
     stdlib_texts,

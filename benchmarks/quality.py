@@ -360,7 +360,7 @@ def _run_one(job: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmcompressor_moe_plugins import last_coverage_report
-    from llmcompressor_moe_plugins.compat import cpu_only_calibration
+    from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
     torch.set_num_threads(job["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmcompressor_moe_plugins  # registers MoECalibrationModifier with recipes
 from llmcompressor_moe_plugins import distributed, recipes
-from llmcompressor_moe_plugins.compat import cpu_only_calibration
+from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
 
 def parse_args() -> argparse.Namespace:

@@ -7,21 +7,23 @@ transformers' Auto classes. Calibration modules themselves are found through ent
 points and imported only when a model needs them.
 """
 
-from .base import MoECalibrationModule
-from .context import (
+from .calibration.base import MoECalibrationModule
+from .calibration.context import (
     BlockPlan,
     SwappedBlocks,
     moe_calibration_context,
     plan_calibration,
     swap_in_calibration_modules,
 )
-from .coverage import CoverageReport, UndercalibratedExpertsError
-from .dispatch import Routing
+from .calibration.dispatch import Routing
+from .calibration.modes import CalibrationMode, parse_mode
+from .calibration.registry import get_calibration_module, list_plugins, register
+from .checkpoint.mtp import copy_mtp_tensors
 from .models import MoeLayer, TextbookMoeConfig, TextbookMoeForCausalLM
-from .modes import CalibrationMode, parse_mode
 from .modifier import MoECalibrationModifier, last_coverage_report
-from .registry import get_calibration_module, list_plugins, register
-from .shared_hessian_gptq import SharedHessianGPTQModifier
+from .reporting.coverage import CoverageReport, UndercalibratedExpertsError
+from .statistics.shared_hessian_gptq import SharedHessianGPTQModifier
+from .upstream.compat import cpu_only_calibration
 
 __version__ = "0.1.0"
 
@@ -46,6 +48,8 @@ __all__ = [
     "MoeLayer",
     "TextbookMoeConfig",
     "TextbookMoeForCausalLM",
+    "copy_mtp_tensors",
+    "cpu_only_calibration",
     "CalibrationMoeLayer",
     "CalibrationGlm4MoeMoE",
 ]
@@ -54,11 +58,11 @@ __all__ = [
 def __getattr__(name: str):
     # the calibration modules are plugins like any other: import them only on use
     if name == "CalibrationMoeLayer":
-        from .modules.moe_layer import CalibrationMoeLayer
+        from .calibration.architectures.moe_layer import CalibrationMoeLayer
 
         return CalibrationMoeLayer
     if name == "CalibrationGlm4MoeMoE":
-        from .modules.glm4_moe import CalibrationGlm4MoeMoE
+        from .calibration.architectures.glm4_moe import CalibrationGlm4MoeMoE
 
         return CalibrationGlm4MoeMoE
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

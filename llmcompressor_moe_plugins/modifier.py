@@ -20,7 +20,7 @@ Under torchrun (llmcompressor's data-parallel oneshot) every decision above is
 taken from coverage counts summed over the processes, so every process decides the
 same (same error at the same layer, same RTN list) and the report is that of one
 process on the same data; a floor is split between the processes
-(``distributed.py``). In one process those calls do nothing.
+(``distributed/``). In one process those calls do nothing.
 """
 
 from __future__ import annotations
@@ -38,14 +38,18 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, field_validator
 
 from . import distributed, upstream
-from .base import AUTO_CHUNK
-from .checkpoint_check import check_quantized_tensors
-from .context import SwappedBlocks, swap_in_calibration_modules
-from .coverage import CalibrationPass, CoverageReport, UndercalibratedExpertsError
-from .fit import FitChange, FitPolicy, fit_schemes_to_model
-from .modes import MinTokensMode, any_weighted, parse_mode
-from .rtn import fill_starved_activation_qparams, quantize_round_to_nearest
-from .seeding import restore_global_rng, seed_calibration_order
+from .calibration.base import AUTO_CHUNK
+from .calibration.context import SwappedBlocks, swap_in_calibration_modules
+from .calibration.modes import MinTokensMode, any_weighted, parse_mode
+from .calibration.seeding import restore_global_rng, seed_calibration_order
+from .checkpoint.checks import check_quantized_tensors
+from .checkpoint.fit import FitChange, FitPolicy, fit_schemes_to_model
+from .checkpoint.rtn import fill_starved_activation_qparams, quantize_round_to_nearest
+from .reporting.coverage import (
+    CalibrationPass,
+    CoverageReport,
+    UndercalibratedExpertsError,
+)
 
 __all__ = ["MoECalibrationModifier", "last_coverage_report", "DEFAULT_MODE"]
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 
-from llmcompressor_moe_plugins.registry import ALLOWLIST_ENV, reload_plugins
+from llmcompressor_moe_plugins.calibration.registry import ALLOWLIST_ENV, reload_plugins
 from llmcompressor_moe_plugins.tiny import (
     build_tiny_glm4_moe,
     build_tiny_textbook_moe,

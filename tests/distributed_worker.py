@@ -58,7 +58,7 @@ def build_recipe(args):
     from llmcompressor.modifiers.gptq import GPTQModifier
 
     from llmcompressor_moe_plugins import MoECalibrationModifier
-    from llmcompressor_moe_plugins.shared_hessian_gptq import (
+    from llmcompressor_moe_plugins.statistics.shared_hessian_gptq import (
         SharedHessianGPTQModifier,
     )
 
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         from transformers import AutoTokenizer
 
         from llmcompressor_moe_plugins import last_coverage_report
-        from llmcompressor_moe_plugins.compat import cpu_only_calibration
+        from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
         dataset = load_partition(args)
         record["local_samples"] = len(dataset)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from llmcompressor_moe_plugins.registry import ENTRY_POINT_GROUP
+from llmcompressor_moe_plugins.calibration.registry import ENTRY_POINT_GROUP
 
 
 def saved_tensor_names(directory: Path) -> set[str]:
@@ -29,7 +29,7 @@ def relative_error(actual, expected) -> float:
 
 def calibration_module(cls, block, config, mode="all", name="block", **settings):
     """A calibration module for ``block``, configured as the context does."""
-    from llmcompressor_moe_plugins.modes import parse_mode
+    from llmcompressor_moe_plugins.calibration.modes import parse_mode
 
     module = cls(block, config)
     module.configure(name, parse_mode(mode), **settings)

@@ -11,12 +11,12 @@ from compressed_tensors.quantization import (
 from llmcompressor.modeling.moe.linearize import linearize_moe
 from transformers import Glm4MoeForCausalLM
 
-from llmcompressor_moe_plugins.checkpoint_check import (
+from llmcompressor_moe_plugins.checkpoint.checks import (
     bad_quantized_tensors,
     check_quantized_tensors,
 )
+from llmcompressor_moe_plugins.checkpoint.rtn import quantize_round_to_nearest
 from llmcompressor_moe_plugins.real_configs import tiny_config_like
-from llmcompressor_moe_plugins.rtn import quantize_round_to_nearest
 
 EXPERT = "model.layers.1.mlp.experts.3.down_proj"
 

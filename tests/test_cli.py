@@ -238,7 +238,7 @@ def test_dense_model_is_refused_without_allow_dense(
 def test_moe_block_classes_without_plan_calibration(glm4_dir, monkeypatch):
     """The check works from ``context.plan_calibration`` and, where that does
     not exist, from modules with experts and a gate or router."""
-    from llmcompressor_moe_plugins import context
+    from llmcompressor_moe_plugins.calibration import context
 
     config = cli._model_config(cli.ModelSource(str(glm4_dir)))
     model = cli._meta_model(config, "glm4")
@@ -528,7 +528,7 @@ def emit_like_a_run():
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_console_output_quiet_by_default_everything_with_v(verbose, capsys):
-    from llmcompressor_moe_plugins.logs import cli_logging
+    from llmcompressor_moe_plugins.cli.logs import cli_logging
 
     with pytest.warns(UserWarning) as python_warnings:
         with cli_logging(verbose=verbose):

@@ -9,7 +9,7 @@ from llmcompressor_moe_plugins import (
     moe_calibration_context,
     register,
 )
-from llmcompressor_moe_plugins.registry import unregister
+from llmcompressor_moe_plugins.calibration.registry import unregister
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import random
 import pytest
 from PIL import Image
 
-from llmcompressor_moe_plugins.coverage import (
+from llmcompressor_moe_plugins.reporting.coverage import (
     BlockCoverage,
     CalibrationPass,
     CoverageReport,

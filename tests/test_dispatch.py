@@ -4,9 +4,11 @@ router's output, and the mode choices as the experts' Linears see them."""
 import pytest
 import torch
 
-from llmcompressor_moe_plugins.dispatch import block_seed
-from llmcompressor_moe_plugins.modes import AffinitySampledMode, apply_floor
-from llmcompressor_moe_plugins.modules.glm4_moe import CalibrationGlm4MoeMoE
+from llmcompressor_moe_plugins.calibration.architectures.glm4_moe import (
+    CalibrationGlm4MoeMoE,
+)
+from llmcompressor_moe_plugins.calibration.dispatch import block_seed
+from llmcompressor_moe_plugins.calibration.modes import AffinitySampledMode, apply_floor
 
 from .helpers import calibration_module
 from .modules.test_glm4_moe import linearized_block

@@ -18,14 +18,14 @@ from loguru import logger
 from transformers import AutoModelForCausalLM, Glm4MoeForCausalLM
 
 from llmcompressor_moe_plugins import MoECalibrationModifier, recipes
-from llmcompressor_moe_plugins.compat import cpu_only_calibration
-from llmcompressor_moe_plugins.fit import fit_schemes_to_model, unfit_linears
+from llmcompressor_moe_plugins.checkpoint.fit import fit_schemes_to_model, unfit_linears
 from llmcompressor_moe_plugins.real_configs import (
     build_tiny_like,
     names,
     tiny_config_like,
 )
 from llmcompressor_moe_plugins.tiny import stdlib_texts, tokenize_for_calibration
+from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
 from .helpers import relative_error
 

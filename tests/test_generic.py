@@ -12,7 +12,9 @@ import torch
 from llmcompressor.modeling.moe.linearize import linearize_moe
 
 from llmcompressor_moe_plugins import moe_calibration_context, plan_calibration
-from llmcompressor_moe_plugins.modules.generic import CalibrationExperts
+from llmcompressor_moe_plugins.calibration.architectures.generic import (
+    CalibrationExperts,
+)
 
 from .families import FAMILIES, build_tiny, find_moe_blocks, load_tiny, save_tiny
 from .helpers import relative_error

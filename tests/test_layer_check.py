@@ -14,7 +14,7 @@ from llmcompressor_moe_plugins import (
     MoECalibrationModule,
     UndercalibratedExpertsError,
 )
-from llmcompressor_moe_plugins.compat import cpu_only_calibration
+from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llmcompressor_moe_plugins.modes import (
+from llmcompressor_moe_plugins.calibration.modes import (
     AffinitySampledMode,
     AllExpertsMode,
     MinTokensMode,

@@ -81,7 +81,7 @@ def test_modifier_adds_no_forward_pass(glm4_dir, tokenizer, calibration_data):
     from llmcompressor.modifiers.gptq import GPTQModifier
     from transformers import AutoModelForCausalLM
 
-    from llmcompressor_moe_plugins.compat import cpu_only_calibration
+    from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
     def q_proj_calls(with_ours: bool) -> int:
         model = AutoModelForCausalLM.from_pretrained(glm4_dir)

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from llmcompressor_moe_plugins import MoECalibrationModifier
-from llmcompressor_moe_plugins.mtp import (
+from llmcompressor_moe_plugins.checkpoint.mtp import (
     MTP_SHARD_NAME,
     copy_mtp_tensors,
     mtp_layer_indices,

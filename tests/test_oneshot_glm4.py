@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 import llmcompressor_moe_plugins as plugins
 from llmcompressor_moe_plugins import recipes
-from llmcompressor_moe_plugins.compat import cpu_only_calibration
 from llmcompressor_moe_plugins.modifier import DEFAULT_MODE
+from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
 from .helpers import quantization_config, relative_error, saved_tensor_names
 

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from llmcompressor_moe_plugins.output_dir import (
+from llmcompressor_moe_plugins.checkpoint.output_dir import (
     OutputDirError,
     atomic_output_dir,
     check_output_dir,

@@ -339,7 +339,7 @@ def test_yaml_recipe_runs(block, readme_inputs, tmp_path):
     script = (
         "import datasets, llmcompressor_moe_plugins\n"
         "from llmcompressor import oneshot\n"
-        "from llmcompressor_moe_plugins.compat import cpu_only_calibration\n"
+        "from llmcompressor_moe_plugins import cpu_only_calibration\n"
         "with cpu_only_calibration():\n"
         f"    oneshot(model={readme_inputs['model']!r},\n"
         f"        dataset=datasets.load_from_disk({readme_inputs['dataset_dir']!r}),\n"

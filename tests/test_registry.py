@@ -4,8 +4,9 @@ import pytest
 import torch
 from loguru import logger
 
-from llmcompressor_moe_plugins import MoECalibrationModule, registry
-from llmcompressor_moe_plugins.registry import (
+from llmcompressor_moe_plugins import MoECalibrationModule
+from llmcompressor_moe_plugins.calibration import registry
+from llmcompressor_moe_plugins.calibration.registry import (
     ALLOWLIST_ENV,
     get_calibration_module,
     list_plugins,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from llmcompressor_moe_plugins.seeding import (
+from llmcompressor_moe_plugins.calibration.seeding import (
     restore_global_rng,
     seed_calibration_order,
     seed_calibration_sampler,

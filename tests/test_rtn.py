@@ -16,13 +16,13 @@ from llmcompressor.modifiers.quantization import QuantizationModifier
 from transformers import AutoModelForCausalLM
 
 from llmcompressor_moe_plugins import MoECalibrationModifier
-from llmcompressor_moe_plugins.checkpoint_check import check_quantized_tensors
-from llmcompressor_moe_plugins.real_configs import build_tiny_like
-from llmcompressor_moe_plugins.rtn import (
+from llmcompressor_moe_plugins.checkpoint.checks import check_quantized_tensors
+from llmcompressor_moe_plugins.checkpoint.rtn import (
     fill_activation_qparams,
     fill_starved_activation_qparams,
     quantize_round_to_nearest,
 )
+from llmcompressor_moe_plugins.real_configs import build_tiny_like
 from llmcompressor_moe_plugins.tiny import stdlib_texts, tokenize_for_calibration
 
 

@@ -9,12 +9,9 @@ from llmcompressor.modifiers.gptq import base as gptq_base
 from llmcompressor.recipe import Recipe
 from transformers import AutoModelForCausalLM
 
-from llmcompressor_moe_plugins import (
-    MoECalibrationModifier,
-    SharedHessianGPTQModifier,
-    shared_hessian_gptq,
-)
-from llmcompressor_moe_plugins.compat import cpu_only_calibration
+from llmcompressor_moe_plugins import MoECalibrationModifier, SharedHessianGPTQModifier
+from llmcompressor_moe_plugins.statistics import shared_hessian_gptq
+from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
 from .helpers import relative_error
 

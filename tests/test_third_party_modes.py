@@ -11,7 +11,7 @@ from llmcompressor_moe_plugins import (
     moe_calibration_context,
     register,
 )
-from llmcompressor_moe_plugins.registry import unregister
+from llmcompressor_moe_plugins.calibration.registry import unregister
 
 from .helpers import install_fake_distribution
 

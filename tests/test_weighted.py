@@ -11,13 +11,15 @@ from transformers import AutoModelForCausalLM
 from llmcompressor_moe_plugins import (
     MoECalibrationModifier,
     SharedHessianGPTQModifier,
-    dispatch,
     last_coverage_report,
     upstream,
 )
-from llmcompressor_moe_plugins.compat import cpu_only_calibration
-from llmcompressor_moe_plugins.modes import WeightedMode, parse_mode
-from llmcompressor_moe_plugins.modules.glm4_moe import CalibrationGlm4MoeMoE
+from llmcompressor_moe_plugins.calibration import dispatch
+from llmcompressor_moe_plugins.calibration.architectures.glm4_moe import (
+    CalibrationGlm4MoeMoE,
+)
+from llmcompressor_moe_plugins.calibration.modes import WeightedMode, parse_mode
+from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
 from .helpers import calibration_module, relative_error
 from .modules.test_glm4_moe import linearized_block

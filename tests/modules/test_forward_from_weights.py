@@ -9,8 +9,12 @@ import torch
 import torch.nn.functional as F
 from llmcompressor.modifiers.utils.hooks import HooksMixin
 
-from llmcompressor_moe_plugins.modules.glm4_moe import CalibrationGlm4MoeMoE
-from llmcompressor_moe_plugins.modules.moe_layer import CalibrationMoeLayer
+from llmcompressor_moe_plugins.calibration.architectures.glm4_moe import (
+    CalibrationGlm4MoeMoE,
+)
+from llmcompressor_moe_plugins.calibration.architectures.moe_layer import (
+    CalibrationMoeLayer,
+)
 
 from ..helpers import calibration_module
 from .test_glm4_moe import linearized_block

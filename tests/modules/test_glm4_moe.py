@@ -4,7 +4,9 @@ from llmcompressor.modeling.moe.linearize import linearize_moe
 from transformers import Glm4MoeForCausalLM
 
 from llmcompressor_moe_plugins import moe_calibration_context
-from llmcompressor_moe_plugins.modules.glm4_moe import CalibrationGlm4MoeMoE
+from llmcompressor_moe_plugins.calibration.architectures.glm4_moe import (
+    CalibrationGlm4MoeMoE,
+)
 from llmcompressor_moe_plugins.tiny import tiny_glm4_moe_config
 
 from ..helpers import calibration_module

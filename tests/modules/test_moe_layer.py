@@ -3,8 +3,10 @@ import torch
 import torch.nn.functional as F
 
 from llmcompressor_moe_plugins import MoeLayer, moe_calibration_context
+from llmcompressor_moe_plugins.calibration.architectures.moe_layer import (
+    CalibrationMoeLayer,
+)
 from llmcompressor_moe_plugins.models.textbook_moe import TextbookExpert
-from llmcompressor_moe_plugins.modules.moe_layer import CalibrationMoeLayer
 
 from ..helpers import calibration_module
 

@@ -27,7 +27,13 @@ from typing import Any, Literal
 
 from loguru import logger
 
-from . import recipes
+from .. import recipes
+from ..checkpoint.output_dir import (
+    OutputDirError,
+    atomic_output_dir,
+    check_output_dir,
+    leftover_temp_dirs,
+)
 from .hub import (
     ModelSource,
     SourceError,
@@ -37,12 +43,6 @@ from .hub import (
     resolve_model,
 )
 from .logs import cli_logging, set_process
-from .output_dir import (
-    OutputDirError,
-    atomic_output_dir,
-    check_output_dir,
-    leftover_temp_dirs,
-)
 
 PROG = "llmcompressor-moe"
 DEFAULT_RECIPE = "glm4_moe_w4a16_gptq"
@@ -223,7 +223,7 @@ def list_recipes_command() -> int:
 
 
 def list_plugins_command() -> int:
-    from .registry import list_plugins
+    from ..calibration.registry import list_plugins
 
     entries = list_plugins(load=True)
     print(f"{'block class':<20} {'calibration module':<58} {'distribution':<26} status")
@@ -237,7 +237,7 @@ def list_plugins_command() -> int:
 
 def plan_command(args: argparse.Namespace) -> int:
     """Which path each MoE block of a model takes, from its config alone."""
-    from .context import find_unregistered_moe_blocks, plan_calibration
+    from ..calibration.context import find_unregistered_moe_blocks, plan_calibration
 
     source = resolve_model(args.model, args.revision)
     model = _meta_model(_model_config(source), args.model)
@@ -289,7 +289,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
 
 
 def _block_modes(pairs: list[str]) -> dict[str, str]:
-    from .modes import parse_mode
+    from ..calibration.modes import parse_mode
 
     modes = {}
     for pair in pairs:
@@ -359,7 +359,7 @@ def _load_recipe_modifiers(recipe: str, args: argparse.Namespace) -> list:
     from llmcompressor.modifiers.quantization import QuantizationMixin
     from llmcompressor.recipe import Recipe
 
-    from .modifier import MoECalibrationModifier
+    from ..modifier import MoECalibrationModifier
 
     try:
         path = recipes.resolve(recipe)
@@ -381,7 +381,7 @@ def _load_recipe_modifiers(recipe: str, args: argparse.Namespace) -> list:
     if args.routed_only:
         settings["mode"] = "routed"
     elif args.mode:
-        from .modes import parse_mode
+        from ..calibration.modes import parse_mode
 
         try:
             parse_mode(args.mode)
@@ -412,7 +412,7 @@ def _load_recipe_modifiers(recipe: str, args: argparse.Namespace) -> list:
     except ValueError as err:
         raise CliError(f"calibration mode: {err}") from None
     if _uses_weighted_mode(modifiers[0]):
-        from .shared_hessian_gptq import with_shared_hessian_gptq
+        from ..statistics.shared_hessian_gptq import with_shared_hessian_gptq
 
         # the shipped recipes name GPTQModifier; weighted Hessians need ours
         modifiers = with_shared_hessian_gptq(modifiers)
@@ -420,8 +420,8 @@ def _load_recipe_modifiers(recipe: str, args: argparse.Namespace) -> list:
 
 
 def _uses_weighted_mode(ours) -> bool:
-    from .modes import any_weighted
-    from .modifier import DEFAULT_MODE
+    from ..calibration.modes import any_weighted
+    from ..modifier import DEFAULT_MODE
 
     mode = ours.mode
     if mode is None and ours.calibrate_all_experts is None:
@@ -451,7 +451,7 @@ class DatasetSource:
 def _dataset_source(args: argparse.Namespace) -> DatasetSource:
     sources = args.dataset
     if not sources:
-        from .tiny import stdlib_texts
+        from ..tiny import stdlib_texts
 
         return DatasetSource("texts", "stdlib", texts=stdlib_texts(skip_files=100))
     if all(Path(s).suffix in TEXT_SUFFIXES for s in sources):
@@ -538,7 +538,7 @@ def _column_texts(rows: Iterable[dict], column: str, name: str) -> Iterator[str]
 def _calibration_dataset(source: DatasetSource, tokenizer, args: argparse.Namespace):
     """What oneshot gets as ``dataset``: ``num_samples`` windows of ``seq_len``
     tokens, or a llmcompressor dataset name."""
-    from .tiny import tokenize_for_calibration
+    from ..tiny import tokenize_for_calibration
 
     if source.kind == "registered":
         return source.name
@@ -616,7 +616,7 @@ def _moe_block_classes(model) -> list[str]:
     modules with ``experts`` and a ``gate`` or ``router``.
     """
     try:
-        from .context import plan_calibration
+        from ..calibration.context import plan_calibration
     except ImportError:
         return [
             type(module).__name__
@@ -672,7 +672,7 @@ def _save_checkpoint(model, tokenizer, report, directory: Path, source) -> None:
     recipe.yaml, tokenizer), plus the source's MTP layers, which transformers
     drops on load (unquantized, as vLLM's GLM MTP loader takes them), and the
     coverage report."""
-    from .mtp import copy_mtp_tensors
+    from ..checkpoint.mtp import copy_mtp_tensors
 
     model.save_pretrained(directory, save_compressed=True)
     tokenizer.save_pretrained(directory)
@@ -702,7 +702,7 @@ def _save_failed_coverage(report, output: Path, rank: int = 0) -> str:
 def _distributed_errors_as_cli_errors() -> Iterator[None]:
     """A bad launch, too few samples for the processes, or a check that failed on
     another process: one line and exit code 2, on every process."""
-    from .distributed import DistributedSetupError, RankFailedError
+    from ..distributed import DistributedSetupError, RankFailedError
 
     try:
         yield
@@ -714,7 +714,7 @@ def _start_distributed(args: argparse.Namespace) -> tuple[int, int]:
     """``(rank, world_size)``: joins torchrun's process group with --distributed
     (an error without torchrun's environment) or when torchrun started more than
     one process (N processes must not calibrate N full copies); else ``(0, 1)``."""
-    from . import distributed
+    from .. import distributed
 
     if not args.distributed and distributed.torchrun_environment() is None:
         return 0, 1
@@ -745,9 +745,9 @@ def quantize_command(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace, rank: int, world_size: int) -> int:
-    from . import distributed
-    from .coverage import UndercalibratedExpertsError
-    from .modifier import MoECalibrationModifier
+    from .. import distributed
+    from ..modifier import MoECalibrationModifier
+    from ..reporting.coverage import UndercalibratedExpertsError
 
     # the same checks on every process; one that fails on some process only
     # (a network error) stops all of them, none waits for the others
@@ -854,7 +854,7 @@ def _model_source(
     in ``scratch`` once the checks pass (unless ``build`` is False: then the
     source is None)."""
     if args.model is None:
-        from .tiny import build_tiny_glm4_moe, tiny_glm4_moe_config, train_tokenizer
+        from ..tiny import build_tiny_glm4_moe, tiny_glm4_moe_config, train_tokenizer
 
         blocks = _moe_block_classes(_meta_model(tiny_glm4_moe_config(), "tiny"))
         _check_moe_blocks(blocks, args, "tiny")
@@ -907,8 +907,8 @@ def _calibrate(
     ``--num-samples``."""
     from llmcompressor import oneshot
 
-    from .compat import cpu_only_calibration
-    from .upstream import keep_logging_configuration
+    from ..upstream import keep_logging_configuration
+    from ..upstream.compat import cpu_only_calibration
 
     num_samples = args.num_samples if num_samples is None else num_samples
     share = "" if num_samples == args.num_samples else f" ({num_samples} here)"

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from . import upstream
+from .. import upstream
 from .dispatch import AUTO_CHUNK, ExpertDispatcher, Routing
 from .modes import AllExpertsMode, CalibrationMode, RoutedMode
 
@@ -35,7 +35,7 @@ class MoECalibrationModule(torch.nn.Module):
     """Temporarily replaces an MoE block during calibration.
 
     Subclasses set the original block's children as their own and implement
-    :meth:`route`; see ``modules/glm4_moe.py`` for the reference.
+    :meth:`route`; see ``architectures/glm4_moe.py`` for the reference.
     """
 
     is_permanent: ClassVar[bool] = False

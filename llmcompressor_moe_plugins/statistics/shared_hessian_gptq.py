@@ -47,12 +47,12 @@ from llmcompressor.modifiers.gptq.helpers import (
 from loguru import logger
 from pydantic import Field, PrivateAttr
 
-from . import distributed
-from .base import MoECalibrationModule
-from .batched_experts import GatedMLP
-from .dispatch import NOT_GATED_MLPS
-from .modes import WeightedMode
-from .upstream import global_hooks_attached
+from .. import distributed
+from ..calibration.base import MoECalibrationModule
+from ..calibration.batched_experts import GatedMLP
+from ..calibration.dispatch import NOT_GATED_MLPS
+from ..calibration.modes import WeightedMode
+from ..upstream import global_hooks_attached
 
 __all__ = ["SharedHessianGPTQModifier", "with_shared_hessian_gptq"]
 

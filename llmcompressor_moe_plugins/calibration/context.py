@@ -6,7 +6,8 @@ A block takes one of two paths (:func:`plan_calibration`):
 - ``registered``: its class name has a calibration module (entry points or
   ``register``); the whole block is replaced by it;
 - ``generic``: its experts are ones llmcompressor linearizes; only the experts
-  container is replaced (``modules/generic.py``), the block's forward is untouched.
+  container is replaced (``architectures/generic.py``), the block's forward is
+  untouched.
 
 Registered modules win over the generic path.
 """
@@ -25,11 +26,11 @@ from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
 from llmcompressor.modeling.moe.linearize import get_non_linearized_moes, linearize_moe
 from loguru import logger
 
+from ..distributed import world
+from ..reporting.coverage import BlockCoverage, CalibrationPass, CoverageReport
+from .architectures.generic import CalibrationExperts, find_router, is_generic_experts
 from .base import AUTO_CHUNK, MoECalibrationModule
-from .coverage import BlockCoverage, CalibrationPass, CoverageReport
-from .distributed import world
 from .modes import AllExpertsMode, CalibrationMode, RoutedMode, parse_mode
-from .modules.generic import CalibrationExperts, find_router, is_generic_experts
 from .registry import get_calibration_module, registered_names
 
 __all__ = [

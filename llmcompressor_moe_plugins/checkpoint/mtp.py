@@ -34,7 +34,7 @@ onto the MTP module, the rest goes to its ``mtp_block`` decoder layer):
 
 Python, after ``oneshot(..., output_dir=out)`` (or ``model.save_pretrained(out)``)::
 
-    from llmcompressor_moe_plugins.mtp import copy_mtp_tensors
+    from llmcompressor_moe_plugins.checkpoint.mtp import copy_mtp_tensors
     copy_mtp_tensors("path/to/GLM-4.5-Air", out)
 """
 

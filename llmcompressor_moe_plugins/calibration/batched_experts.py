@@ -22,7 +22,7 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.nn.functional as F
 
-from . import upstream
+from .. import upstream
 
 __all__ = [
     "ExpertInputConsumer",

@@ -20,7 +20,7 @@ Why each is needed:
   finalized), and no hook runs after it; the coverage report belongs beside the
   checkpoint, so ``post_process`` is wrapped to run the callbacks queued with
   :func:`after_save` once the checkpoint is written.
-- Under torchrun (``distributed.py``; no-ops in one process): GPTQ's Hessian
+- Under torchrun (``distributed/``; no-ops in one process): GPTQ's Hessian
   reduction is positional, so ``GPTQModifier.compress_modules`` first gives every
   rank the same Hessians in the same order and afterwards waits for all ranks
   (``distributed.install_aligned_gptq``); and every layer's
@@ -47,7 +47,7 @@ from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
 from torch.nn.modules import module as module_hooks
 
-from . import distributed
+from .. import distributed
 
 __all__ = [
     "hooks_enabled",

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from loguru import logger
 
-from . import distributed, upstream
+from .. import distributed, upstream
 from .batched_experts import (
     ExpertInputConsumer,
     GatedMLP,

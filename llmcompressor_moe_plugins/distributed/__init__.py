@@ -57,7 +57,7 @@ import torch.distributed as dist
 from compressed_tensors.offload.dist_utils import is_distributed
 
 if TYPE_CHECKING:
-    from .coverage import CoverageReport
+    from ..reporting.coverage import CoverageReport
 
 __all__ = [
     "DistributedSetupError",
