@@ -44,7 +44,9 @@ from .calibration.modes import MinTokensMode, any_weighted, parse_mode
 from .calibration.seeding import restore_global_rng, seed_calibration_order
 from .checkpoint.checks import check_quantized_tensors
 from .checkpoint.fit import FitChange, FitPolicy, fit_schemes_to_model
+from .checkpoint.layout import ExpertSaveLayout, apply_save_layout, plan_save_layout
 from .checkpoint.rtn import fill_starved_activation_qparams, quantize_round_to_nearest
+from .checkpoint.verify import finish_checkpoint
 from .reporting.coverage import (
     CalibrationPass,
     CoverageReport,
@@ -130,6 +132,7 @@ class MoECalibrationModifier(Modifier):
     _coverage_report: CoverageReport | None = PrivateAttr(default=None)
     _rng_state: torch.Tensor | None = PrivateAttr(default=None)
     _fit_changes: list[FitChange] = PrivateAttr(default_factory=list)
+    _save_layout: ExpertSaveLayout | None = PrivateAttr(default=None)
     # resolved once at initialize: oneshot's all-experts flag, which the default
     # depends on, is off again by finalize
     _resolved: tuple[str | dict, int, int] | None = PrivateAttr(default=None)
@@ -206,6 +209,11 @@ class MoECalibrationModifier(Modifier):
     # -- lifecycle ----------------------------------------------------------------
 
     def on_initialize(self, state: State, **kwargs) -> bool:
+        # a family whose checkpoints cannot hold per-expert tensors stops here,
+        # before any calibration
+        self._save_layout = plan_save_layout(state.model)
+        if self._save_layout is not None:
+            logger.info(self._save_layout.describe())
         # before the other modifiers initialize, which is where a width their
         # group size does not divide would stop the run
         self._fit_changes = fit_schemes_to_model(
@@ -396,9 +404,13 @@ class MoECalibrationModifier(Modifier):
         distributed.wait_for_all_ranks()
         # a NaN, Inf or zero scale must stop the run before oneshot saves it
         check_quantized_tensors(state.model)
+        apply_save_layout(state.model, self._save_layout)
         if distributed.world()[0] == 0:  # every rank saves; rank 0 writes
             upstream.after_save(
                 lambda directory: save_coverage_files(report, directory)
+            )
+            upstream.after_save(
+                lambda directory: finish_checkpoint(directory, state.model)
             )
         return True
 

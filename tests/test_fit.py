@@ -12,7 +12,7 @@ import torch
 from llmcompressor import oneshot
 from llmcompressor.modeling.moe.linearize import linearize_moe
 from llmcompressor.modifiers.gptq import GPTQModifier
-from llmcompressor.modifiers.quantization import QuantizationMixin
+from llmcompressor.modifiers.quantization import QuantizationMixin, QuantizationModifier
 from llmcompressor.recipe import Recipe
 from loguru import logger
 from transformers import AutoModelForCausalLM, Glm4MoeForCausalLM
@@ -143,27 +143,52 @@ def test_nvfp4_width_not_multiple_of_16_is_kept_unquantized_or_raises():
     assert AIR_DENSE_DOWN in nvfp4.ignore
 
 
-def test_fused_parts_and_experts_get_one_treatment():
-    # 200-wide experts: down_proj does not fit, gate/up do; vLLM's FusedMoE takes
-    # one scheme for every projection of every expert in the block
-    model = linearized_twin("GLM-4.5", moe_intermediate_size=200)
+@pytest.mark.parametrize(
+    ("width", "group_size", "strategy"),
+    [(192, 64, "group"), (160, 32, "group"), (200, None, "channel")],
+)
+def test_experts_get_one_scheme_that_fits_them_all(width, group_size, strategy):
+    # experts whose down_proj W4A16's group of 128 does not divide: vLLM's fused
+    # MoE takes one scheme per layer (expert 0's) and transformers decompresses
+    # every expert with one group, so all experts of the model get the largest
+    # of vLLM's MoE group sizes dividing every width, else per channel
+    model = linearized_twin("GLM-4.5", moe_intermediate_size=width)
     gptq = GPTQModifier(targets=["Linear"], scheme="W4A16", ignore=["lm_head"])
     changes = fit_schemes_to_model(model, [gptq])
-    expert_changes = [c for c in changes if ".experts." in c.modules[0]]
-    assert len(expert_changes) == 2  # the two MoE layers
-    for change in expert_changes:
-        assert len(change.modules) == 8 * 3
-        assert {m.rsplit(".", 1)[1] for m in change.modules} == {
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        }
+    (experts,) = [c for c in changes if ".experts." in c.modules[0]]
+    assert len(experts.modules) == 2 * 8 * 3  # two MoE layers, 8 experts
+    assert {m.rsplit(".", 1)[1] for m in experts.modules} == {
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
+    groups = gptq.resolved_config.config_groups
+    assert list(groups)[0] == "fit_group_experts"  # what transformers reads first
+    fitted = groups["fit_group_experts"].weights
+    assert (fitted.group_size, fitted.strategy) == (group_size, strategy)
+    assert not any(".experts." in name for name in gptq.ignore)
     # shared experts are plain Linears to vLLM: only their down_proj changes
     shared = [c.modules for c in changes if "shared_experts" in c.modules[0]]
-    assert shared == [
-        ("model.layers.3.mlp.shared_experts.down_proj",),
-        ("model.layers.4.mlp.shared_experts.down_proj",),
-    ]
+    if width % 128:
+        assert shared == [
+            ("model.layers.3.mlp.shared_experts.down_proj",),
+            ("model.layers.4.mlp.shared_experts.down_proj",),
+        ]
+
+
+def test_experts_no_scheme_of_vllm_fits_stop_before_calibration():
+    model = linearized_twin("GLM-4.5", moe_intermediate_size=200)
+    nvfp4 = QuantizationModifier(targets=["Linear"], scheme="NVFP4", ignore=["lm_head"])
+    with pytest.raises(ValueError, match="scheme_fit cannot fit them") as error:
+        fit_schemes_to_model(model, [nvfp4])
+    assert "\n" not in str(error.value)
+
+
+def test_a_fit_that_leaves_nothing_to_quantize_stops_naming_scheme_fit():
+    model = linearized_twin("GLM-4.5-Air")
+    gptq = GPTQModifier(targets=[AIR_DENSE_DOWN], scheme="W4A16")
+    with pytest.raises(ValueError, match="scheme_fit 'ignore' keeps every Linear"):
+        fit_schemes_to_model(model, [gptq])
 
 
 def test_the_change_is_logged_and_bypass_is_respected():

@@ -8,6 +8,8 @@ from transformers import AutoModelForCausalLM
 
 import llmcompressor_moe_plugins as plugins
 from llmcompressor_moe_plugins import recipes
+from llmcompressor_moe_plugins.checkpoint.verify import verify_checkpoint
+from llmcompressor_moe_plugins.checkpoint.vllm_rules import vllm_layout_violations
 from llmcompressor_moe_plugins.modifier import DEFAULT_MODE
 from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
@@ -69,6 +71,10 @@ def test_glm4_recipe_end_to_end(
             )
             assert 0 < error < MAX_EXPERT_ERROR[scheme], (layer, expert, error)
     model.save_pretrained(tmp_path, save_compressed=True)
+    # reloads as saved (what transformers 5.17 can read of it) and keeps vLLM's
+    # MoE layout rules, scale values included
+    verify_checkpoint(tmp_path)
+    assert vllm_layout_violations(tmp_path, check_values=True) == []
     report = plugins.last_coverage_report()
     assert [b.name for b in report.blocks] == [
         "model.layers.1.mlp",

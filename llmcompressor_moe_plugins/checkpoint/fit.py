@@ -212,6 +212,10 @@ def _fit_modifier(
     }
     if not unfit:
         return []
+    expert_names = [name for name in linears if _fusion_key(name)[0] == "experts"]
+    experts_fit = policy != "raise" and any(name in unfit for name in expert_names)
+    if experts_fit:
+        unfit -= set(expert_names)
     if policy == "raise":
         raise ValueError(
             f"{type(modifier).__name__}: "
@@ -259,6 +263,13 @@ def _fit_modifier(
 
     modifier.ignore.extend(name for name in to_ignore if name not in modifier.ignore)
     ignored.extend(to_ignore)
+    if len(to_ignore) == len(linears):
+        raise ValueError(
+            f"{modifier_name}: scheme_fit '{policy}' keeps every Linear it targets "
+            f"unquantized ({len(linears)} do not fit {describe_scheme(scheme)}), so "
+            "there is nothing to quantize; use scheme_fit: regroup or a recipe "
+            "whose scheme fits these widths"
+        )
     modifier._resolved_config = None  # re-resolve scheme/config_groups with ignore
     config = modifier.resolved_config
     taken = sum(key.startswith(FIT_GROUP_PREFIX) for key in config.config_groups)
@@ -267,7 +278,88 @@ def _fit_modifier(
         fitted.targets = list(members)
         fitted.weights.group_size = size
         config.config_groups[f"{FIT_GROUP_PREFIX}{taken + offset}"] = fitted
+    if experts_fit:
+        changes.append(_fit_experts(modifier, linears, expert_names))
     return changes
+
+
+# every routed expert Linear (linearized names; the saved config is extended to
+# the family's checkpoint names when they differ)
+EXPERTS_TARGET = r"re:.*\.experts\.\d+\.(?:gate_proj|up_proj|down_proj)$"
+EXPERTS_GROUP = f"{FIT_GROUP_PREFIX}experts"
+
+
+def _fit_experts(modifier, linears, expert_names: list[str]) -> FitChange:
+    """One scheme for every routed expert of the model, with a group size that
+    divides all their widths: vLLM takes one scheme per fused MoE layer (expert
+    0's), and transformers decompresses all experts with the one config group
+    whose ``re:`` targets name experts (``get_experts_scheme``). Keeping them
+    unquantized instead is no choice: a quantized checkpoint's experts reload only
+    from packed tensors."""
+    modifier_name = type(modifier).__name__
+    schemes = {id(linears[n][1]): linears[n][1] for n in expert_names}
+    scheme = next(iter(schemes.values()))
+    widths = tuple(sorted({linears[n][0].in_features for n in expert_names}))
+    weights = scheme.weights
+    if (
+        len(schemes) != 1
+        or weights.type != QuantizationType.INT
+        or weights.strategy != QuantizationStrategy.GROUP
+        or scheme.input_activations is not None
+    ):
+        raise ValueError(
+            f"{modifier_name}: expert input widths {list(widths)} do not fit "
+            f"{describe_scheme(scheme)} and vLLM's MoE kernels take no other group "
+            "size for it, while experts kept unquantized in a quantized checkpoint "
+            "do not reload in transformers; scheme_fit cannot fit them: use a recipe "
+            "whose scheme fits the experts (W4A16 regroups to 64, 32 or per "
+            "channel; W8A8 is per channel)"
+        )
+    size = next(
+        (
+            s
+            for s in REGROUP_SIZES
+            if s < weights.group_size and all(w % s == 0 for w in widths)
+        ),
+        None,
+    )
+    fitted = scheme.model_copy(deep=True)
+    fitted.targets = [EXPERTS_TARGET]
+    if size is not None:
+        fitted.weights.group_size = size
+        action = f"all experts quantized with group_size {size}"
+    else:
+        fitted.weights.strategy = QuantizationStrategy.CHANNEL
+        fitted.weights.group_size = None
+        action = "all experts quantized per channel"
+    config = modifier.resolved_config
+    only_experts = set()
+    for key, group in config.config_groups.items():
+        members = _group_members(linears, group)
+        if members and all(_fusion_key(n)[0] == "experts" for n in members):
+            only_experts.add(key)
+    # first, so that transformers' get_experts_scheme finds it; a group that held
+    # experts only is replaced by it
+    config.config_groups = {
+        EXPERTS_GROUP: fitted,
+        **{k: g for k, g in config.config_groups.items() if k not in only_experts},
+    }
+    return FitChange(
+        modifier_name,
+        tuple(expert_names),
+        tuple(linears[n][0].in_features for n in expert_names),
+        describe_scheme(scheme),
+        f"{action} (one scheme for every expert, as vLLM's fused MoE and "
+        "transformers' reload take)",
+    )
+
+
+def _group_members(linears, group) -> list[str]:
+    return [
+        name
+        for name, (module, _) in linears.items()
+        if match_targets(name, module, list(group.targets))
+    ]
 
 
 def _excluding(target: str, names: Iterable[str]) -> str:

@@ -23,6 +23,7 @@ __all__ = [
     "OutputDirError",
     "check_output_dir",
     "atomic_output_dir",
+    "staged_output_dir",
     "leftover_temp_dirs",
 ]
 
@@ -115,6 +116,38 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
         yield staging
         with _interrupts_deferred():
             _move_into_place(staging, path, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def staged_output_dir(target: str | Path) -> Iterator[Path]:
+    """For oneshot's own save: yield an empty directory beside ``target``; when
+    the body returns, its entries replace the same-named ones in ``target``
+    (created if absent) and the other entries of ``target`` stay, as upstream's
+    in-place save leaves them. On any exception the staging directory is removed
+    and ``target`` is left as it was."""
+    path = Path(target).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f".{path.name}{_TMP_INFIX}", dir=path.parent)
+    )
+    try:
+        os.chmod(staging, 0o777 & ~_umask())
+        yield staging
+        with _interrupts_deferred():
+            if path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+            if not path.exists():
+                os.rename(staging, path)
+                return
+            for entry in staging.iterdir():
+                destination = path / entry.name
+                if destination.is_dir() and not destination.is_symlink():
+                    shutil.rmtree(destination)
+                os.replace(entry, destination)
+            staging.rmdir()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

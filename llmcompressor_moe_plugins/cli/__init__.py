@@ -673,6 +673,7 @@ def _save_checkpoint(model, tokenizer, report, directory: Path, source) -> None:
     drops on load (unquantized, as vLLM's GLM MTP loader takes them), and the
     coverage report."""
     from ..checkpoint.mtp import copy_mtp_tensors
+    from ..checkpoint.verify import finish_checkpoint
 
     model.save_pretrained(directory, save_compressed=True)
     tokenizer.save_pretrained(directory)
@@ -682,6 +683,7 @@ def _save_checkpoint(model, tokenizer, report, directory: Path, source) -> None:
     if report is not None:
         report.save_json(directory / "coverage.json")
         report.save_heatmap(directory / "coverage.png")
+    finish_checkpoint(directory, model)
 
 
 def _save_failed_coverage(report, output: Path, rank: int = 0) -> str:

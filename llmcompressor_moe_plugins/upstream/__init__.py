@@ -204,11 +204,19 @@ def _wrap_post_process() -> None:
 
     @functools.wraps(original)
     def wrapped(*args: Any, **kwargs: Any):
+        from ..checkpoint.output_dir import staged_output_dir
+
+        output_dir = kwargs.get("output_dir")
         try:
-            result = original(*args, **kwargs)
-            output_dir = kwargs.get("output_dir")
-            for callback in list(_after_save) if output_dir else []:
-                callback(str(output_dir))
+            if not output_dir or not _after_save:
+                return original(*args, **kwargs)
+            # written beside output_dir and moved in only once the callbacks
+            # (coverage files, the checkpoint's check) passed: a failed check
+            # leaves output_dir as it was
+            with staged_output_dir(output_dir) as staging:
+                result = original(*args, **{**kwargs, "output_dir": str(staging)})
+                for callback in list(_after_save):
+                    callback(str(staging))
             return result
         finally:
             _after_save.clear()
