@@ -31,7 +31,6 @@ from typing import Any, Literal
 
 import torch
 from llmcompressor.core import State, active_session
-from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.factory import ModifierFactory
 from loguru import logger
@@ -50,6 +49,7 @@ from .reporting.coverage import (
     CoverageReport,
     UndercalibratedExpertsError,
 )
+from .upstream.moe import calibrate_all_experts_flag
 
 __all__ = ["MoECalibrationModifier", "last_coverage_report", "DEFAULT_MODE"]
 
@@ -179,7 +179,7 @@ class MoECalibrationModifier(Modifier):
             return self.mode
         if self.calibrate_all_experts is not None:
             return "all" if self.calibrate_all_experts else "routed"
-        return DEFAULT_MODE if get_calibrate_all_experts_flag() else "routed"
+        return DEFAULT_MODE if calibrate_all_experts_flag() else "routed"
 
     def resolved_floor(self) -> int:
         if self._resolved is not None:
@@ -189,7 +189,7 @@ class MoECalibrationModifier(Modifier):
         # a mode the user chose runs as chosen; the default comes with its floor,
         # and so do weighted modes, also per block (the floor's top-ups are their
         # prior's tokens; the one floor then applies to every block)
-        chosen = not self._mode_is_default() or not get_calibrate_all_experts_flag()
+        chosen = not self._mode_is_default() or not calibrate_all_experts_flag()
         if chosen and not any_weighted(
             [self.resolved_mode(), *self.block_modes.values()]
         ):
@@ -206,6 +206,7 @@ class MoECalibrationModifier(Modifier):
     # -- lifecycle ----------------------------------------------------------------
 
     def on_initialize(self, state: State, **kwargs) -> bool:
+        upstream.begin_run()  # checks the upstream hook points first
         # before the other modifiers initialize, which is where a width their
         # group size does not divide would stop the run
         self._fit_changes = fit_schemes_to_model(
@@ -367,6 +368,12 @@ class MoECalibrationModifier(Modifier):
     def on_finalize(self, state: State, **kwargs) -> bool:
         upstream.remove_listener(self)
         restore_global_rng(self._rng_state)
+        try:
+            return self._finalize(state)
+        finally:
+            upstream.end_run_outside_oneshot()
+
+    def _finalize(self, state: State) -> bool:
         if self._swapped is None:
             return True
         swapped, self._swapped = self._swapped, None
@@ -445,5 +452,3 @@ def _require_weighting_gptq(specs: list, modifiers: list, default=None) -> None:
 
 
 ModifierFactory.register("MoECalibrationModifier", MoECalibrationModifier)
-# before any oneshot runs: a run already under way calls the unwrapped functions
-upstream.install()

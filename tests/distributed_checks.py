@@ -179,19 +179,20 @@ def check_same_and_empty_partition(rank, size, out):
 
 
 def check_rank_seed(rank, size, out):
-    from llmcompressor_moe_plugins.distributed import (
-        RANK_SEED_STRIDE,
-        all_reduce_counts,
-        rank_seed,
+    from llmcompressor_moe_plugins.calibration.dispatch import (
+        BLOCK_SEED_RANK_STRIDE,
+        block_seed,
     )
+    from llmcompressor_moe_plugins.distributed import all_reduce_counts
 
-    assert rank_seed(5) == 5 + rank * RANK_SEED_STRIDE
-    draws = torch.rand(4, generator=torch.Generator().manual_seed(rank_seed(5)))
+    seed = block_seed(5, "block", rank)
+    assert seed == block_seed(5, "block") + rank * BLOCK_SEED_RANK_STRIDE
+    draws = torch.rand(4, generator=torch.Generator().manual_seed(seed))
     gathered = all_reduce_counts(
         torch.nn.functional.one_hot(torch.tensor(rank), size)[:, None] * draws
     )
     assert not torch.equal(gathered[0], gathered[1]), "ranks drew the same numbers"
-    again = torch.rand(4, generator=torch.Generator().manual_seed(rank_seed(5)))
+    again = torch.rand(4, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(draws, again)
 
 
@@ -212,7 +213,7 @@ def check_upstream_mixes_experts_without_alignment(rank, size, out):
 
 
 def check_alignment(rank, size, out):
-    from llmcompressor_moe_plugins.distributed import ensure_same_hessian_order
+    from llmcompressor_moe_plugins.upstream.gptq import ensure_same_hessian_order
 
     fake, modules = _fake_gptq(rank, SEEN[rank])
     keys = ensure_same_hessian_order(fake)

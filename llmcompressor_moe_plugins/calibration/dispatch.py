@@ -78,10 +78,23 @@ class Routing:
     scores: Callable[[], torch.Tensor | None] | None = None
 
 
+# seeds of different runs (seed) and blocks (name) stay apart; each rank of a
+# torchrun calibration adds its rank times a prime, so ranks, which calibrate on
+# different tokens, draw different numbers (a run is reproducible for a given
+# world size: same data partition, same seeds)
+BLOCK_SEED_RUN_STRIDE = 1_000_003
+BLOCK_SEED_RANK_STRIDE = 7919
+
+
 def block_seed(seed: int, block_name: str, rank: int = 0) -> int:
-    """A block's own seed: stable across runs and processes (not ``hash()``), and
-    offset by the data-parallel rank so ranks sample different tokens."""
-    return (seed * 1_000_003 + zlib.crc32(block_name.encode()) + rank * 7919) % 2**63
+    """A block's own seed: ``seed * BLOCK_SEED_RUN_STRIDE + crc32(block_name) +
+    rank * BLOCK_SEED_RANK_STRIDE`` (mod 2**63): stable across runs and processes
+    (not ``hash()``), and different for every data-parallel rank."""
+    return (
+        seed * BLOCK_SEED_RUN_STRIDE
+        + zlib.crc32(block_name.encode())
+        + rank * BLOCK_SEED_RANK_STRIDE
+    ) % 2**63
 
 
 class ExpertDispatcher:

@@ -77,6 +77,8 @@ from compressed_tensors.utils import (
 )
 from loguru import logger
 
+from ..upstream.quantization import reset_resolved_config
+
 __all__ = ["FitChange", "FitPolicy", "fit_schemes_to_model", "unfit_linears"]
 
 FitPolicy = Literal["ignore", "regroup", "raise"]
@@ -259,7 +261,7 @@ def _fit_modifier(
 
     modifier.ignore.extend(name for name in to_ignore if name not in modifier.ignore)
     ignored.extend(to_ignore)
-    modifier._resolved_config = None  # re-resolve scheme/config_groups with ignore
+    reset_resolved_config(modifier)  # re-resolve scheme/config_groups with ignore
     config = modifier.resolved_config
     taken = sum(key.startswith(FIT_GROUP_PREFIX) for key in config.config_groups)
     for offset, (scheme, size, members) in enumerate(regrouped):
