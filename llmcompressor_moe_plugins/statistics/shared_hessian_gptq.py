@@ -50,8 +50,8 @@ from pydantic import Field, PrivateAttr
 from .. import upstream
 from ..calibration.base import MoECalibrationModule
 from ..calibration.batched_experts import GatedMLP
-from ..calibration.dispatch import NOT_GATED_MLPS
 from ..calibration.modes import WeightedMode
+from ..calibration.routing import NOT_GATED_MLPS
 from ..upstream import gptq, module_hooks
 from .shared_reduction import compress_shared_hessians
 
