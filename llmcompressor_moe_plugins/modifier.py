@@ -287,8 +287,9 @@ class MoECalibrationModifier(Modifier):
         summed = distributed.all_reduce_blocks([block.coverage() for block in blocks])
         coverages = {id(block): cov for block, cov in zip(blocks, summed, strict=True)}
         # blocks that ran no calibrating forward (our own data-free pass, a layer
-        # of another subgraph) have nothing to check yet
-        calibrated = [b for b in blocks if any(coverages[id(b)].routed)]
+        # of another subgraph) have nothing to check yet; calibrated counts, not
+        # routed ones: a module with its own loop in 'all' mode observes no routing
+        calibrated = [b for b in blocks if any(coverages[id(b)].calibrated)]
         if not calibrated:
             return
         self._checked.update(id(block) for block in calibrated)
@@ -334,7 +335,7 @@ class MoECalibrationModifier(Modifier):
         self._report_global_floors(current.blocks)
         # blocks that never ran in this pass (a run that stopped at an earlier
         # layer) have nothing to report
-        current.blocks = [block for block in current.blocks if any(block.routed)]
+        current.blocks = [block for block in current.blocks if any(block.calibrated)]
         if current.blocks:
             self._passes.append(current)
         swapped.reset_counts()
