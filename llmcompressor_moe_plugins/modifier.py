@@ -16,17 +16,13 @@ List it first in a recipe, before ``GPTQModifier``/``AWQModifier``/... Lifecycle
 It needs no data, so llmcompressor gives it the data-free pipeline: it adds no
 calibration pass.
 
-Under torchrun (llmcompressor's data-parallel oneshot) every decision above is
-taken from coverage counts summed over the processes, so every process decides the
-same (same error at the same layer, same RTN list) and the report is that of one
-process on the same data; a floor is split between the processes
-(``distributed/``). In one process those calls do nothing.
+Under torchrun every decision above is taken from counts summed over the
+processes, so every process decides the same (same error at the same layer, same
+RTN list); a floor is split between them (``distributed/``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -38,8 +34,13 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from . import distributed, upstream
 from .calibration.base import AUTO_CHUNK
-from .calibration.context import SwappedBlocks, swap_in_calibration_modules
-from .calibration.modes import MinTokensMode, any_weighted, parse_mode
+from .calibration.context import (
+    SwappedBlocks,
+    local_share_of_mode,
+    report_global_floors,
+    swap_in_calibration_modules,
+)
+from .calibration.modes import any_weighted, parse_mode
 from .calibration.seeding import restore_global_rng, seed_calibration_order
 from .checkpoint.checks import check_quantized_tensors
 from .checkpoint.fit import FitChange, FitPolicy, fit_schemes_to_model
@@ -48,7 +49,9 @@ from .reporting.coverage import (
     CalibrationPass,
     CoverageReport,
     UndercalibratedExpertsError,
+    save_coverage_files,
 )
+from .statistics.recipe_checks import require_weighting_gptq
 from .upstream.moe import calibrate_all_experts_flag
 
 __all__ = ["MoECalibrationModifier", "last_coverage_report", "DEFAULT_MODE"]
@@ -61,19 +64,11 @@ def last_coverage_report() -> CoverageReport | None:
     return _last_report
 
 
-def save_coverage_files(report: CoverageReport, directory: str | Path) -> None:
-    """coverage.json and coverage.png into ``directory`` (beside a checkpoint)."""
-    report.save_json(Path(directory) / "coverage.json")
-    report.save_heatmap(Path(directory) / "coverage.png")
-    logger.info(f"Coverage report written beside the checkpoint in {directory}")
-
-
 ModeSpec = str | dict[str, int | float]
 
-# Chosen from benchmarks/quality.py (README "Which mode"; benchmarks/RESULTS.md,
-# "Session 5"): the lowest mean perplexity increase over two trained models and
-# every budget measured, never worse than the better of routed and all beyond one
-# seed spread, at routed's cost (0.98x on Qwen3-30B-A3B shapes).
+# Chosen from benchmarks/quality.py (README "Which mode"; RESULTS.md "Session 5"):
+# the lowest mean perplexity increase over two trained models and every budget,
+# never worse than the better of routed and all beyond one seed spread.
 DEFAULT_MODE = "weighted:2"
 # Tokens every expert is calibrated on at least under the default mode (or all
 # the calibration set has): sampling alone gives experts that a skewed router
@@ -220,7 +215,7 @@ class MoECalibrationModifier(Modifier):
             self.resolved_floor(),
             self.resolved_min_tokens(),
         )
-        _require_weighting_gptq(
+        require_weighting_gptq(
             [self.mode, *self.block_modes.values()],
             active_session().lifecycle.recipe.modifiers,
             default=self.resolved_mode() if self._mode_is_default() else None,
@@ -235,9 +230,9 @@ class MoECalibrationModifier(Modifier):
         # tops up to its share, so the sum over processes reaches the floor
         self._swapped = swap_in_calibration_modules(
             state.model,
-            mode=_local_share_of_mode(self.resolved_mode()),
+            mode=local_share_of_mode(self.resolved_mode()),
             block_modes={
-                name: _local_share_of_mode(spec)
+                name: local_share_of_mode(spec)
                 for name, spec in self.block_modes.items()
             },
             floor=distributed.local_share(self.resolved_floor()),
@@ -332,7 +327,12 @@ class MoECalibrationModifier(Modifier):
         current = swapped.coverage_pass(self._pass_label)
         if reduce:
             distributed.all_reduce_blocks(current.blocks)
-        self._report_global_floors(current.blocks)
+        report_global_floors(
+            current.blocks,
+            self.resolved_floor(),
+            self.resolved_mode(),
+            self.block_modes,
+        )
         # blocks that never ran in this pass (a run that stopped at an earlier
         # layer) have nothing to report
         current.blocks = [block for block in current.blocks if any(block.calibrated)]
@@ -340,20 +340,6 @@ class MoECalibrationModifier(Modifier):
             self._passes.append(current)
         swapped.reset_counts()
         self._checked.clear()
-
-    def _report_global_floors(self, blocks: list) -> None:
-        """The report names the floor (and ``min_tokens:K``) of the run, not each
-        rank's share of it (``distributed.local_share``)."""
-        if distributed.world()[1] == 1:
-            return
-        floor = self.resolved_floor()
-        for block in blocks:
-            if floor and block.floor == distributed.local_share(floor):
-                block.floor = floor
-            spec = self.block_modes.get(block.block_class, self.resolved_mode())
-            mode = parse_mode(spec)
-            if block.mode == parse_mode(_local_share_of_mode(spec)).spec():
-                block.mode = mode.spec()
 
     def _keep_report(
         self, swapped: SwappedBlocks, reduce: bool = True
@@ -409,47 +395,6 @@ class MoECalibrationModifier(Modifier):
                 lambda directory: save_coverage_files(report, directory)
             )
         return True
-
-
-def _local_share_of_mode(spec: ModeSpec) -> ModeSpec:
-    """``min_tokens:K`` as this rank's share of K under torchrun (its top-ups run
-    inside forwards, per rank); any other mode, or one process: ``spec``."""
-    if distributed.world()[1] == 1:
-        return spec
-    mode = parse_mode(spec)
-    if isinstance(mode, MinTokensMode):
-        return dataclasses.replace(
-            mode, min_tokens=distributed.local_share(mode.min_tokens)
-        )
-    return spec
-
-
-def _require_weighting_gptq(specs: list, modifiers: list, default=None) -> None:
-    """Weighted modes weight Hessians only SharedHessianGPTQModifier accumulates;
-    under plain GPTQModifier a chosen one would silently be unweighted, so that
-    stops the run. The default then calibrates its token choice (and says so)."""
-    from llmcompressor.modifiers.gptq import GPTQModifier
-
-    plain = [m for m in modifiers if type(m) is GPTQModifier]
-    if not plain:
-        return
-    weighted = [s for s in specs if any_weighted([s])]
-    if not weighted and default is not None:
-        if any_weighted([default]):
-            logger.info(
-                f"Default mode {default}: under GPTQModifier each expert is "
-                "calibrated on its routed tokens plus the floor, unweighted; "
-                "SharedHessianGPTQModifier (same fields) weights them by routing "
-                "weight, which measured better (README, 'Which mode')"
-            )
-        return
-    if weighted:
-        raise ValueError(
-            f"Calibration mode {parse_mode(weighted[0]).spec()!r} weights GPTQ "
-            "Hessians by routing weight, which only SharedHessianGPTQModifier "
-            "accumulates; this recipe has GPTQModifier. Rename it to "
-            "SharedHessianGPTQModifier (same fields), or pick another mode."
-        )
 
 
 ModifierFactory.register("MoECalibrationModifier", MoECalibrationModifier)
