@@ -15,9 +15,9 @@ from .calibration.context import (
     plan_calibration,
     swap_in_calibration_modules,
 )
-from .calibration.dispatch import Routing
 from .calibration.modes import CalibrationMode, parse_mode
 from .calibration.registry import get_calibration_module, list_plugins, register
+from .calibration.routing import Routing
 from .checkpoint.mtp import copy_mtp_tensors
 from .models import MoeLayer, TextbookMoeConfig, TextbookMoeForCausalLM
 from .modifier import MoECalibrationModifier, last_coverage_report

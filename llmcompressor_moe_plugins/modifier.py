@@ -16,22 +16,17 @@ List it first in a recipe, before ``GPTQModifier``/``AWQModifier``/... Lifecycle
 It needs no data, so llmcompressor gives it the data-free pipeline: it adds no
 calibration pass.
 
-Under torchrun (llmcompressor's data-parallel oneshot) every decision above is
-taken from coverage counts summed over the processes, so every process decides the
-same (same error at the same layer, same RTN list) and the report is that of one
-process on the same data; a floor is split between the processes
-(``distributed/``). In one process those calls do nothing.
+Under torchrun every decision above is taken from counts summed over the
+processes, so every process decides the same (same error at the same layer, same
+RTN list); a floor is split between them (``distributed/``).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from llmcompressor.core import State, active_session
-from llmcompressor.modeling.moe.context import get_calibrate_all_experts_flag
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.factory import ModifierFactory
 from loguru import logger
@@ -39,19 +34,27 @@ from pydantic import Field, PrivateAttr, field_validator
 
 from . import distributed, upstream
 from .calibration.base import AUTO_CHUNK
-from .calibration.context import SwappedBlocks, swap_in_calibration_modules
-from .calibration.modes import MinTokensMode, any_weighted, parse_mode
+from .calibration.context import (
+    SwappedBlocks,
+    local_share_of_mode,
+    report_global_floors,
+    swap_in_calibration_modules,
+)
+from .calibration.modes import any_weighted, parse_mode
 from .calibration.seeding import restore_global_rng, seed_calibration_order
 from .checkpoint.checks import check_quantized_tensors
 from .checkpoint.fit import FitChange, FitPolicy, fit_schemes_to_model
 from .checkpoint.layout import ExpertSaveLayout, apply_save_layout, plan_save_layout
-from .checkpoint.rtn import fill_starved_activation_qparams, quantize_round_to_nearest
+from .checkpoint.rtn import apply_rtn_fallback
 from .checkpoint.verify import finish_checkpoint
 from .reporting.coverage import (
     CalibrationPass,
     CoverageReport,
     UndercalibratedExpertsError,
+    save_coverage_files,
 )
+from .statistics.recipe_checks import require_weighting_gptq
+from .upstream.moe import calibrate_all_experts_flag
 
 __all__ = ["MoECalibrationModifier", "last_coverage_report", "DEFAULT_MODE"]
 
@@ -63,19 +66,11 @@ def last_coverage_report() -> CoverageReport | None:
     return _last_report
 
 
-def save_coverage_files(report: CoverageReport, directory: str | Path) -> None:
-    """coverage.json and coverage.png into ``directory`` (beside a checkpoint)."""
-    report.save_json(Path(directory) / "coverage.json")
-    report.save_heatmap(Path(directory) / "coverage.png")
-    logger.info(f"Coverage report written beside the checkpoint in {directory}")
-
-
 ModeSpec = str | dict[str, int | float]
 
-# Chosen from benchmarks/quality.py (README "Which mode"; benchmarks/RESULTS.md,
-# "Session 5"): the lowest mean perplexity increase over two trained models and
-# every budget measured, never worse than the better of routed and all beyond one
-# seed spread, at routed's cost (0.98x on Qwen3-30B-A3B shapes).
+# Chosen from benchmarks/quality.py (README "Which mode"; RESULTS.md "Session 5"):
+# the lowest mean perplexity increase over two trained models and every budget,
+# never worse than the better of routed and all beyond one seed spread.
 DEFAULT_MODE = "weighted:2"
 # Tokens every expert is calibrated on at least under the default mode (or all
 # the calibration set has): sampling alone gives experts that a skewed router
@@ -182,7 +177,7 @@ class MoECalibrationModifier(Modifier):
             return self.mode
         if self.calibrate_all_experts is not None:
             return "all" if self.calibrate_all_experts else "routed"
-        return DEFAULT_MODE if get_calibrate_all_experts_flag() else "routed"
+        return DEFAULT_MODE if calibrate_all_experts_flag() else "routed"
 
     def resolved_floor(self) -> int:
         if self._resolved is not None:
@@ -192,7 +187,7 @@ class MoECalibrationModifier(Modifier):
         # a mode the user chose runs as chosen; the default comes with its floor,
         # and so do weighted modes, also per block (the floor's top-ups are their
         # prior's tokens; the one floor then applies to every block)
-        chosen = not self._mode_is_default() or not get_calibrate_all_experts_flag()
+        chosen = not self._mode_is_default() or not calibrate_all_experts_flag()
         if chosen and not any_weighted(
             [self.resolved_mode(), *self.block_modes.values()]
         ):
@@ -209,6 +204,7 @@ class MoECalibrationModifier(Modifier):
     # -- lifecycle ----------------------------------------------------------------
 
     def on_initialize(self, state: State, **kwargs) -> bool:
+        upstream.begin_run()  # checks the upstream hook points first
         # a family whose checkpoints cannot hold per-expert tensors stops here,
         # before any calibration
         self._save_layout = plan_save_layout(state.model)
@@ -227,7 +223,7 @@ class MoECalibrationModifier(Modifier):
             self.resolved_floor(),
             self.resolved_min_tokens(),
         )
-        _require_weighting_gptq(
+        require_weighting_gptq(
             [self.mode, *self.block_modes.values()],
             active_session().lifecycle.recipe.modifiers,
             default=self.resolved_mode() if self._mode_is_default() else None,
@@ -242,9 +238,9 @@ class MoECalibrationModifier(Modifier):
         # tops up to its share, so the sum over processes reaches the floor
         self._swapped = swap_in_calibration_modules(
             state.model,
-            mode=_local_share_of_mode(self.resolved_mode()),
+            mode=local_share_of_mode(self.resolved_mode()),
             block_modes={
-                name: _local_share_of_mode(spec)
+                name: local_share_of_mode(spec)
                 for name, spec in self.block_modes.items()
             },
             floor=distributed.local_share(self.resolved_floor()),
@@ -294,8 +290,9 @@ class MoECalibrationModifier(Modifier):
         summed = distributed.all_reduce_blocks([block.coverage() for block in blocks])
         coverages = {id(block): cov for block, cov in zip(blocks, summed, strict=True)}
         # blocks that ran no calibrating forward (our own data-free pass, a layer
-        # of another subgraph) have nothing to check yet
-        calibrated = [b for b in blocks if any(coverages[id(b)].routed)]
+        # of another subgraph) have nothing to check yet; calibrated counts, not
+        # routed ones: a module with its own loop in 'all' mode observes no routing
+        calibrated = [b for b in blocks if any(coverages[id(b)].calibrated)]
         if not calibrated:
             return
         self._checked.update(id(block) for block in calibrated)
@@ -338,28 +335,19 @@ class MoECalibrationModifier(Modifier):
         current = swapped.coverage_pass(self._pass_label)
         if reduce:
             distributed.all_reduce_blocks(current.blocks)
-        self._report_global_floors(current.blocks)
+        report_global_floors(
+            current.blocks,
+            self.resolved_floor(),
+            self.resolved_mode(),
+            self.block_modes,
+        )
         # blocks that never ran in this pass (a run that stopped at an earlier
         # layer) have nothing to report
-        current.blocks = [block for block in current.blocks if any(block.routed)]
+        current.blocks = [block for block in current.blocks if any(block.calibrated)]
         if current.blocks:
             self._passes.append(current)
         swapped.reset_counts()
         self._checked.clear()
-
-    def _report_global_floors(self, blocks: list) -> None:
-        """The report names the floor (and ``min_tokens:K``) of the run, not each
-        rank's share of it (``distributed.local_share``)."""
-        if distributed.world()[1] == 1:
-            return
-        floor = self.resolved_floor()
-        for block in blocks:
-            if floor and block.floor == distributed.local_share(floor):
-                block.floor = floor
-            spec = self.block_modes.get(block.block_class, self.resolved_mode())
-            mode = parse_mode(spec)
-            if block.mode == parse_mode(_local_share_of_mode(spec)).spec():
-                block.mode = mode.spec()
 
     def _keep_report(
         self, swapped: SwappedBlocks, reduce: bool = True
@@ -375,6 +363,12 @@ class MoECalibrationModifier(Modifier):
     def on_finalize(self, state: State, **kwargs) -> bool:
         upstream.remove_listener(self)
         restore_global_rng(self._rng_state)
+        try:
+            return self._finalize(state)
+        finally:
+            upstream.end_run_outside_oneshot()
+
+    def _finalize(self, state: State) -> bool:
         if self._swapped is None:
             return True
         swapped, self._swapped = self._swapped, None
@@ -385,20 +379,8 @@ class MoECalibrationModifier(Modifier):
             # and writes the same values into the shared weights
             starved = report.undercalibrated()
             if starved and self.rtn_fallback:
-                modules = dict(state.model.named_modules())
-                quantize_round_to_nearest([modules[name] for name in starved])
-                filled = fill_starved_activation_qparams(state.model, starved)
-                report.rtn_fallback = starved
-                logger.warning(
-                    f"{len(starved)} expert(s) had fewer than {report.min_tokens} "
-                    "calibration token(s) and were quantized round-to-nearest from "
-                    f"their weights: {', '.join(starved[:10])}"
-                    + (
-                        f"; {len(filled)} activation scale(s) taken from their "
-                        "calibrated peers"
-                        if filled
-                        else ""
-                    )
+                report.rtn_fallback = apply_rtn_fallback(
+                    state.model, starved, report.min_tokens
                 )
         # no rank reads (or saves) the weights before every rank wrote them
         distributed.wait_for_all_ranks()
@@ -415,47 +397,4 @@ class MoECalibrationModifier(Modifier):
         return True
 
 
-def _local_share_of_mode(spec: ModeSpec) -> ModeSpec:
-    """``min_tokens:K`` as this rank's share of K under torchrun (its top-ups run
-    inside forwards, per rank); any other mode, or one process: ``spec``."""
-    if distributed.world()[1] == 1:
-        return spec
-    mode = parse_mode(spec)
-    if isinstance(mode, MinTokensMode):
-        return dataclasses.replace(
-            mode, min_tokens=distributed.local_share(mode.min_tokens)
-        )
-    return spec
-
-
-def _require_weighting_gptq(specs: list, modifiers: list, default=None) -> None:
-    """Weighted modes weight Hessians only SharedHessianGPTQModifier accumulates;
-    under plain GPTQModifier a chosen one would silently be unweighted, so that
-    stops the run. The default then calibrates its token choice (and says so)."""
-    from llmcompressor.modifiers.gptq import GPTQModifier
-
-    plain = [m for m in modifiers if type(m) is GPTQModifier]
-    if not plain:
-        return
-    weighted = [s for s in specs if any_weighted([s])]
-    if not weighted and default is not None:
-        if any_weighted([default]):
-            logger.info(
-                f"Default mode {default}: under GPTQModifier each expert is "
-                "calibrated on its routed tokens plus the floor, unweighted; "
-                "SharedHessianGPTQModifier (same fields) weights them by routing "
-                "weight, which measured better (README, 'Which mode')"
-            )
-        return
-    if weighted:
-        raise ValueError(
-            f"Calibration mode {parse_mode(weighted[0]).spec()!r} weights GPTQ "
-            "Hessians by routing weight, which only SharedHessianGPTQModifier "
-            "accumulates; this recipe has GPTQModifier. Rename it to "
-            "SharedHessianGPTQModifier (same fields), or pick another mode."
-        )
-
-
 ModifierFactory.register("MoECalibrationModifier", MoECalibrationModifier)
-# before any oneshot runs: a run already under way calls the unwrapped functions
-upstream.install()

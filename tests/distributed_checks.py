@@ -179,19 +179,20 @@ def check_same_and_empty_partition(rank, size, out):
 
 
 def check_rank_seed(rank, size, out):
-    from llmcompressor_moe_plugins.distributed import (
-        RANK_SEED_STRIDE,
-        all_reduce_counts,
-        rank_seed,
+    from llmcompressor_moe_plugins.calibration.routing import (
+        BLOCK_SEED_RANK_STRIDE,
+        block_seed,
     )
+    from llmcompressor_moe_plugins.distributed import all_reduce_counts
 
-    assert rank_seed(5) == 5 + rank * RANK_SEED_STRIDE
-    draws = torch.rand(4, generator=torch.Generator().manual_seed(rank_seed(5)))
+    seed = block_seed(5, "block", rank)
+    assert seed == block_seed(5, "block") + rank * BLOCK_SEED_RANK_STRIDE
+    draws = torch.rand(4, generator=torch.Generator().manual_seed(seed))
     gathered = all_reduce_counts(
         torch.nn.functional.one_hot(torch.tensor(rank), size)[:, None] * draws
     )
     assert not torch.equal(gathered[0], gathered[1]), "ranks drew the same numbers"
-    again = torch.rand(4, generator=torch.Generator().manual_seed(rank_seed(5)))
+    again = torch.rand(4, generator=torch.Generator().manual_seed(seed))
     assert torch.equal(draws, again)
 
 
@@ -212,7 +213,7 @@ def check_upstream_mixes_experts_without_alignment(rank, size, out):
 
 
 def check_alignment(rank, size, out):
-    from llmcompressor_moe_plugins.distributed import ensure_same_hessian_order
+    from llmcompressor_moe_plugins.upstream.gptq import ensure_same_hessian_order
 
     fake, modules = _fake_gptq(rank, SEEN[rank])
     keys = ensure_same_hessian_order(fake)
@@ -267,6 +268,83 @@ def check_reduce_to_owners(rank, size, out):
         assert counts[key].item() == expected[key]
 
 
+class GatedExpert(torch.nn.Module):
+    """A gate/up/down expert whose forward is not what its weights compute
+    (``scale`` != 1): the plugin must not weight it."""
+
+    def __init__(self, hidden: int, scale: float = 2.0):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, 8, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, 8, bias=False)
+        self.down_proj = torch.nn.Linear(8, hidden, bias=False)
+        self.act_fn = torch.nn.SiLU()
+        self.scale = scale
+
+    def forward(self, x):
+        hidden = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(hidden) * self.scale
+
+
+class WeightedSink:
+    """Takes routing-weighted statistics (as SharedHessianGPTQModifier does)."""
+
+    def __init__(self):
+        self.tokens = 0
+
+    def accepts(self, linears) -> bool:
+        return True
+
+    def consume(self, down_proj, inputs) -> None:
+        pass
+
+    def consume_weighted(self, mlp, tokens, intermediate, weights) -> None:
+        self.tokens += tokens.shape[0]
+
+
+def weighted_dispatcher(scale: float = 2.0, experts: int = 4, hidden: int = 16):
+    """A dispatcher in mode weighted:2 over ``experts`` gated experts."""
+    from llmcompressor_moe_plugins.calibration.dispatch import ExpertDispatcher
+    from llmcompressor_moe_plugins.calibration.modes import parse_mode
+
+    torch.manual_seed(0)
+    modules = [GatedExpert(hidden, scale) for _ in range(experts)]
+    dispatcher = ExpertDispatcher("block", modules, parse_mode("weighted:2"))
+    dispatcher.consumer = WeightedSink()
+    return dispatcher
+
+
+def routed_batch(tokens: int, experts: int = 4, hidden: int = 16, seed: int = 0):
+    from llmcompressor_moe_plugins.calibration.routing import Routing
+
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=generator)
+    logits = torch.randn(tokens, experts, generator=generator)
+    weights, indices = logits.softmax(-1).topk(2, dim=-1)
+    return x, Routing(indices, weights, lambda: logits.softmax(-1))
+
+
+def check_decision_with_an_empty_rank(rank, size, out):
+    """Rank 0's first forward of a block has no tokens, rank 1's has 32: one
+    collective, the same decision on both (taken from rank 1's tokens), no hang."""
+    from llmcompressor_moe_plugins.calibration.decisions import EXPERTS_MATCH
+
+    dispatcher = weighted_dispatcher(scale=2.0)
+    x, routing = routed_batch(0 if rank == 0 else 32)
+    try:
+        dispatcher(x, routing)
+        raised = None
+    except RuntimeError as err:
+        raised = str(err)
+    out["decision_raised"] = raised
+    assert raised is not None and "does not reproduce" in raised, raised
+    assert dispatcher.decisions.known(EXPERTS_MATCH) == (False, False)
+    # experts that do match: weighted on both ranks, rank 0 decided by rank 1
+    matching = weighted_dispatcher(scale=1.0)
+    matching(x, routing)
+    out["decision_match"] = matching.decisions.known(EXPERTS_MATCH)
+    assert out["decision_match"] == (True, True)
+
+
 CHECKS = [
     check_all_reduce_counts,
     check_all_reduce_coverage,
@@ -276,6 +354,7 @@ CHECKS = [
     check_upstream_mixes_experts_without_alignment,
     check_alignment,
     check_reduce_to_owners,
+    check_decision_with_an_empty_rank,
 ]
 
 

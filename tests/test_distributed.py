@@ -96,7 +96,6 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.world() == (0, 1)
     assert distributed.all_reduce_counts(counts) is counts
     assert distributed.any_rank(True) and not distributed.any_rank(False)
-    assert distributed.rank_seed(7) == 7
     assert distributed.local_share(64) == 64
     assert distributed.require_data_on_every_rank(5) == 5
     with pytest.raises(DistributedSetupError, match="rank.s. 0 got no calibration"):

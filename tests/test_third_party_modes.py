@@ -184,3 +184,28 @@ def test_upstream_style_module_refuses_modes_it_cannot_honour(upstream_style_plu
         with moe_calibration_context(upstream_style_plugin, mode="top_k:2"):
             pass
     assert isinstance(upstream_style_plugin[0], Top1Moe)  # nothing left swapped
+
+
+def test_upstream_style_module_in_all_mode_is_checked_and_reported(
+    upstream_style_plugin,
+):
+    """Its own loop observes no routing in 'all' mode (routed counts 0): the block
+    is still checked in its layer and reported, from its calibrated counts."""
+    from llmcompressor_moe_plugins import (
+        MoECalibrationModifier,
+        UndercalibratedExpertsError,
+    )
+    from llmcompressor_moe_plugins.calibration.context import (
+        swap_in_calibration_modules,
+    )
+
+    model = upstream_style_plugin
+    modifier = MoECalibrationModifier(mode="all", min_tokens=31)
+    swapped = swap_in_calibration_modules(model, mode="all")
+    modifier._swapped = swapped
+    model(torch.randn(30, HIDDEN))
+    with pytest.raises(UndercalibratedExpertsError, match="experts.0"):
+        modifier.on_pass_end()
+    report = modifier._keep_report(swapped)
+    swapped.restore()
+    assert [block.calibrated for block in report.blocks] == [[30] * EXPERTS]

@@ -14,7 +14,7 @@ from llmcompressor_moe_plugins import (
     last_coverage_report,
     upstream,
 )
-from llmcompressor_moe_plugins.calibration import dispatch
+from llmcompressor_moe_plugins.calibration import dispatch, from_weights
 from llmcompressor_moe_plugins.calibration.architectures.glm4_moe import (
     CalibrationGlm4MoeMoE,
 )
@@ -314,7 +314,7 @@ def uncomputable_experts(request, monkeypatch):
     activation it does not know (its MLP does not reproduce theirs), or experts
     that are not gate/up/down MLPs at all."""
     if request.param == "unknown_activation":
-        monkeypatch.setattr(dispatch, "matches_module", lambda *_, **__: False)
+        monkeypatch.setattr(from_weights, "matches_module", lambda *_, **__: False)
     else:
         monkeypatch.setattr(dispatch.ExpertDispatcher, "gated_mlps", lambda _: None)
     return request.param

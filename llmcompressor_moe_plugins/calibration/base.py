@@ -25,8 +25,9 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from .. import upstream
-from .dispatch import AUTO_CHUNK, ExpertDispatcher, Routing
+from .dispatch import ExpertDispatcher
 from .modes import AllExpertsMode, CalibrationMode, RoutedMode
+from .routing import AUTO_CHUNK, Routing
 
 __all__ = ["MoECalibrationModule", "LinearObserver", "AUTO_CHUNK", "Routing"]
 
@@ -44,7 +45,7 @@ class MoECalibrationModule(torch.nn.Module):
     expert_input_projections: ClassVar[tuple[str, ...]] = ("gate_proj", "up_proj")
     # how the original block lists an expert's tokens (see ExpertDispatcher)
     dispatch_order: ClassVar[Literal["slot", "token"]] = "slot"
-    # what experts without ``act_fn`` or ``_apply_gate`` apply to ``gate_proj``'s
+    # what experts without ``act_fn`` or llmcompressor's gate apply to ``gate_proj``'s
     # output; checked against the expert's own forward before use
     default_expert_activation: ClassVar[Callable | None] = None
 
@@ -61,17 +62,27 @@ class MoECalibrationModule(torch.nn.Module):
 
     # -- registration (upstream-compatible decorator) ----------------------------
 
+    # classes decorated with register(), until the registry takes them (the
+    # registry imports this module, not the other way round)
+    _decorated: ClassVar[list[tuple[str, type]]] = []
+
     @classmethod
     def register(cls, name: str) -> Callable[[type], type]:
-        """``@MoECalibrationModule.register("BlockClassName")``, as upstream had."""
+        """``@MoECalibrationModule.register("BlockClassName")``, as upstream had:
+        the same as ``llmcompressor_moe_plugins.register(name, module_cls)``."""
 
         def decorator(module_cls: type) -> type:
-            from .registry import register
-
-            register(name, module_cls)
+            MoECalibrationModule._decorated.append((name, module_cls))
             return module_cls
 
         return decorator
+
+    @staticmethod
+    def take_decorated() -> list[tuple[str, type]]:
+        """The ``(name, class)`` pairs decorated since the last call."""
+        taken = list(MoECalibrationModule._decorated)
+        MoECalibrationModule._decorated.clear()
+        return taken
 
     # -- what an architecture supplies ---------------------------------------------
 
@@ -129,14 +140,17 @@ class MoECalibrationModule(torch.nn.Module):
             weighting_required=weighting_required,
         )
 
-    def dispatch(self, hidden_states: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """The experts' combined output for flat ``hidden_states``. A module used
-        on its own, as upstream's were, runs ``all`` or ``routed`` per
-        ``calibrate_all_experts``."""
+    def ensure_dispatcher(self) -> ExpertDispatcher | LinearObserver:
+        """The dispatcher; a module used on its own, as upstream's were, gets one
+        running ``all`` or ``routed`` per ``calibrate_all_experts``."""
         if self.dispatcher is None:
             mode = AllExpertsMode() if self.calibrate_all_experts else RoutedMode()
             self.configure(type(self).__name__, mode)
-        return self.dispatcher(hidden_states, routing)
+        return self.dispatcher
+
+    def dispatch(self, hidden_states: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The experts' combined output for flat ``hidden_states``."""
+        return self.ensure_dispatcher()(hidden_states, routing)
 
     @property
     def calibration_mode(self) -> CalibrationMode | None:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import upstream
+from ..upstream.moe import linearized_gate_activation
 
 __all__ = [
     "ExpertInputConsumer",
@@ -76,14 +77,14 @@ def gated_mlp(
     default_activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> GatedMLP | None:
     """The expert as a gated MLP, or None if it does not look like one. The
-    activation is llmcompressor's ``_apply_gate`` (linearized experts), else the
+    activation is llmcompressor's (linearized experts), else the
     expert's ``act_fn`` (transformers' MLPs), else ``default_activation``."""
     linears = [getattr(expert, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
     if not all(isinstance(linear, torch.nn.Linear) for linear in linears):
         return None
-    apply_gate = getattr(expert, "_apply_gate", None)
+    apply_gate = linearized_gate_activation(expert)
     act_fn = getattr(expert, "act_fn", None)
-    if callable(apply_gate):
+    if apply_gate is not None:
 
         def activate(gate, up):
             return apply_gate(torch.cat([gate, up], dim=-1))
@@ -126,7 +127,7 @@ def silent_linear(linear: torch.nn.Module, device: torch.device) -> bool:
     if upstream.global_hooks_attached():
         return False
     kept = upstream.kept_enabled_hook_ids()
-    for hooks in (linear._forward_pre_hooks, linear._forward_hooks):
+    for hooks in upstream.module_hooks(linear):
         for key, hook in hooks.items():
             if key in kept or not upstream.is_llmcompressor_hook(hook):
                 return False

@@ -15,6 +15,7 @@ Registered modules win over the generic path.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -26,11 +27,17 @@ from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
 from llmcompressor.modeling.moe.linearize import get_non_linearized_moes, linearize_moe
 from loguru import logger
 
-from ..distributed import world
+from ..distributed import local_share, world
 from ..reporting.coverage import BlockCoverage, CalibrationPass, CoverageReport
 from .architectures.generic import CalibrationExperts, find_router, is_generic_experts
 from .base import AUTO_CHUNK, MoECalibrationModule
-from .modes import AllExpertsMode, CalibrationMode, RoutedMode, parse_mode
+from .modes import (
+    AllExpertsMode,
+    CalibrationMode,
+    MinTokensMode,
+    RoutedMode,
+    parse_mode,
+)
 from .registry import get_calibration_module, registered_names
 
 __all__ = [
@@ -239,8 +246,7 @@ def swap_in_calibration_modules(
         parse_mode(spec)
 
     swapped = SwappedBlocks(model, [])
-    # Fused 3-D experts have no Linear per expert to hook; use llmcompressor's own
-    # linearization (oneshot has already done this when it calls us).
+    # fused 3-D experts have no Linear per expert to hook: linearize (oneshot did)
     fused = [name for name, _ in get_non_linearized_moes(model)]
     if fused:
         linearize_moe(model)
@@ -366,3 +372,29 @@ def moe_calibration_context(
         yield swapped
     finally:
         swapped.restore(repack=True)
+
+
+def local_share_of_mode(spec: str | dict) -> str | dict:
+    """``min_tokens:K`` as this rank's share of K under torchrun (its top-ups run
+    inside forwards, per rank); any other mode, or one process: ``spec``."""
+    if world()[1] == 1:
+        return spec
+    mode = parse_mode(spec)
+    if isinstance(mode, MinTokensMode):
+        return dataclasses.replace(mode, min_tokens=local_share(mode.min_tokens))
+    return spec
+
+
+def report_global_floors(
+    blocks: list[BlockCoverage],
+    floor: int,
+    mode: str | dict,
+    block_modes: Mapping[str, str | dict],
+) -> None:
+    """Report the run's floor and ``min_tokens:K``, not each rank's share."""
+    for block in blocks:
+        if floor and block.floor == local_share(floor):
+            block.floor = floor
+        spec = block_modes.get(block.block_class, mode)
+        if block.mode == parse_mode(local_share_of_mode(spec)).spec():
+            block.mode = parse_mode(spec).spec()

@@ -21,6 +21,8 @@ from importlib.metadata import EntryPoint, entry_points
 
 from loguru import logger
 
+from .base import MoECalibrationModule
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "ALLOWLIST_ENV",
@@ -126,14 +128,14 @@ def _index_entry_points() -> dict[str, PluginEntry]:
 
 def _index() -> dict[str, PluginEntry]:
     global _entries
+    for name, module_class in MoECalibrationModule.take_decorated():
+        register(name, module_class)
     if _entries is None:
         _entries = _index_entry_points()
     return _entries
 
 
 def _load(entry: PluginEntry) -> type | None:
-    from .base import MoECalibrationModule
-
     if entry.loaded or entry.error is not None:
         return entry.module_class
     try:
@@ -166,8 +168,6 @@ def _load(entry: PluginEntry) -> type | None:
 def register(name: str, module_class: type) -> None:
     """Register ``module_class`` to replace blocks whose class is named ``name``.
     Takes precedence over entry points of the same name."""
-    from .base import MoECalibrationModule
-
     if not (
         isinstance(module_class, type)
         and issubclass(module_class, MoECalibrationModule)
@@ -203,6 +203,7 @@ def registered_names() -> list[str]:
 def get_calibration_module(name: str) -> type | None:
     """The calibration module class for a block class name, importing it on first
     use; None when there is none or it failed to load (the error is logged)."""
+    _index()  # takes classes decorated with MoECalibrationModule.register
     if name in _programmatic:
         return _programmatic[name].module_class
     entry = _index().get(name)

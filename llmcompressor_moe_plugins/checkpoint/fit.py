@@ -58,10 +58,8 @@ config. A modifier with ``bypass_divisibility_checks=True`` is left as it is.
 
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -71,73 +69,25 @@ from compressed_tensors.quantization import (
     QuantizationType,
 )
 from compressed_tensors.utils import (
-    match_modules_set,
     match_named_modules,
     match_targets,
 )
 from loguru import logger
 
+from ..upstream.quantization import reset_resolved_config
+from .fit_awq import fit_awq
+from .schemes import (
+    FIT_GROUP_PREFIX,
+    REGROUP_SIZES,
+    FitChange,
+    describe_scheme,
+    fits,
+    fusion_key,
+)
+
 __all__ = ["FitChange", "FitPolicy", "fit_schemes_to_model", "unfit_linears"]
 
 FitPolicy = Literal["ignore", "regroup", "raise"]
-
-# group sizes vLLM's int W4A16/W8A16 kernels take (Marlin: -1, 32, 64, 128)
-REGROUP_SIZES = (64, 32)
-GROUPED = (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP)
-FIT_GROUP_PREFIX = "fit_group_"
-
-_EXPERT = re.compile(r"^(?P<key>.+\.experts)\.\d+\.(gate_proj|up_proj|down_proj)$")
-_QKV = re.compile(r"^(?P<key>.+)\.(q_proj|k_proj|v_proj)$")
-_GATE_UP = re.compile(r"^(?P<key>.+)\.(gate_proj|up_proj)$")
-
-
-@dataclass(frozen=True)
-class FitChange:
-    """One change to a modifier: which Linears, why, and what they got."""
-
-    modifier: str
-    modules: tuple[str, ...]
-    widths: tuple[int, ...]
-    scheme: str
-    action: str
-
-    def describe(self) -> str:
-        shown = ", ".join(
-            f"{name} ({width})"
-            for name, width in zip(self.modules[:4], self.widths[:4], strict=True)
-        )
-        more = f" and {len(self.modules) - 4} more" if len(self.modules) > 4 else ""
-        return (
-            f"{self.modifier}: input width of {shown}{more} does not fit "
-            f"{self.scheme}; {self.action}"
-        )
-
-
-def describe_scheme(scheme: QuantizationScheme) -> str:
-    weights = scheme.weights
-    if weights is None:
-        return "no weight quantization"
-    kind = f"{weights.type}{weights.num_bits}"
-    if weights.strategy == QuantizationStrategy.GROUP:
-        return f"{kind} group_size {weights.group_size}"
-    if weights.strategy == QuantizationStrategy.TENSOR_GROUP:
-        return f"{kind} tensor_group group_size {weights.group_size}"
-    return f"{kind} {weights.strategy}"
-
-
-def _fits(width: int, scheme: QuantizationScheme) -> bool:
-    weights = scheme.weights
-    if weights is None or weights.strategy not in GROUPED or not weights.group_size:
-        return True
-    return width % int(weights.group_size) == 0
-
-
-def _fusion_key(name: str) -> tuple[str, str]:
-    for kind, pattern in (("experts", _EXPERT), ("qkv", _QKV), ("gate_up", _GATE_UP)):
-        match = pattern.match(name)
-        if match:
-            return kind, match["key"]
-    return "single", name
 
 
 def _targeted_linears(
@@ -168,7 +118,7 @@ def unfit_linears(model: torch.nn.Module, modifier) -> list[tuple[str, int, str]
     return [
         (name, module.in_features, describe_scheme(scheme))
         for name, (module, scheme) in _targeted_linears(model, modifier).items()
-        if not _fits(module.in_features, scheme)
+        if not fits(module.in_features, scheme)
     ]
 
 
@@ -208,11 +158,11 @@ def _fit_modifier(
     unfit = {
         name
         for name, (module, scheme) in linears.items()
-        if not _fits(module.in_features, scheme)
+        if not fits(module.in_features, scheme)
     }
     if not unfit:
         return []
-    expert_names = [name for name in linears if _fusion_key(name)[0] == "experts"]
+    expert_names = [name for name in linears if fusion_key(name)[0] == "experts"]
     experts_fit = policy != "raise" and any(name in unfit for name in expert_names)
     if experts_fit:
         unfit -= set(expert_names)
@@ -229,7 +179,7 @@ def _fit_modifier(
 
     groups: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
     for name in linears:
-        groups.setdefault(_fusion_key(name), []).append(name)
+        groups.setdefault(fusion_key(name), []).append(name)
 
     modifier_name = type(modifier).__name__
     changes: list[FitChange] = []
@@ -270,7 +220,7 @@ def _fit_modifier(
             "there is nothing to quantize; use scheme_fit: regroup or a recipe "
             "whose scheme fits these widths"
         )
-    modifier._resolved_config = None  # re-resolve scheme/config_groups with ignore
+    reset_resolved_config(modifier)  # re-resolve scheme/config_groups with ignore
     config = modifier.resolved_config
     taken = sum(key.startswith(FIT_GROUP_PREFIX) for key in config.config_groups)
     for offset, (scheme, size, members) in enumerate(regrouped):
@@ -336,7 +286,7 @@ def _fit_experts(modifier, linears, expert_names: list[str]) -> FitChange:
     only_experts = set()
     for key, group in config.config_groups.items():
         members = _group_members(linears, group)
-        if members and all(_fusion_key(n)[0] == "experts" for n in members):
+        if members and all(fusion_key(n)[0] == "experts" for n in members):
             only_experts.add(key)
     # first, so that transformers' get_experts_scheme finds it; a group that held
     # experts only is replaced by it
@@ -360,62 +310,6 @@ def _group_members(linears, group) -> list[str]:
         for name, (module, _) in linears.items()
         if match_targets(name, module, list(group.targets))
     ]
-
-
-def _excluding(target: str, names: Iterable[str]) -> str:
-    """``target`` (a name or ``re:`` pattern) that no longer matches ``names``."""
-    alternatives = "|".join(re.escape(name) for name in sorted(set(names)))
-    pattern = target[3:] if target.startswith("re:") else re.escape(target) + "$"
-    return f"re:(?!(?:{alternatives})$){pattern}"
-
-
-def _fit_awq(
-    model: torch.nn.Module, awq, quantized: set[str], ignored: set[str]
-) -> list[FitChange]:
-    """Drop the AWQ smoothing pairs whose balance Linears the fit left unquantized
-    and that have no quantized balance Linear left."""
-    from llmcompressor.modifiers.transform.awq.mappings import AWQMapping
-
-    if not awq.mappings or not ignored:
-        return []
-    module_names = {module: name for name, module in model.named_modules()}
-    changes = []
-    mappings = []
-    for mapping in awq.mappings:
-        targets = (mapping.smooth_layer, *mapping.balance_layers)
-        smooth_dropped: list[str] = []
-        balance_dropped: list[str] = []
-        for smooth_layers, *balance_groups in match_modules_set(model, targets):
-            balance = [module_names[m] for group in balance_groups for m in group]
-            if any(n in ignored for n in balance) and not any(
-                n in quantized for n in balance
-            ):
-                smooth_dropped += [module_names[m] for m in smooth_layers]
-                balance_dropped += balance
-        if smooth_dropped:
-            mapping = AWQMapping(
-                smooth_layer=_excluding(mapping.smooth_layer, smooth_dropped),
-                balance_layers=[
-                    _excluding(target, balance_dropped)
-                    for target in mapping.balance_layers
-                ],
-                activation_hook_target=mapping.activation_hook_target,
-            )
-            modules = dict(model.named_modules())
-            changes.append(
-                FitChange(
-                    type(awq).__name__,
-                    tuple(balance_dropped),
-                    tuple(modules[n].in_features for n in balance_dropped),
-                    "the quantization scheme",
-                    "not smoothed from "
-                    + ", ".join(smooth_dropped)
-                    + " (AWQ balances only quantized Linears)",
-                )
-            )
-        mappings.append(mapping)
-    awq.mappings = mappings
-    return changes
 
 
 def fit_schemes_to_model(
@@ -457,7 +351,7 @@ def fit_schemes_to_model(
         quantized = {n for m in quantizers for n in _targeted_linears(model, m)}
         for modifier in modifiers:
             if isinstance(modifier, AWQModifier):
-                changes.extend(_fit_awq(model, modifier, quantized, set(ignored)))
+                changes.extend(fit_awq(model, modifier, quantized, set(ignored)))
     for change in changes:
         logger.warning(change.describe())
     return changes

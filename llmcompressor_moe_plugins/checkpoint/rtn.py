@@ -36,6 +36,7 @@ from llmcompressor.observers import fuse_weight_observers
 from loguru import logger
 
 __all__ = [
+    "apply_rtn_fallback",
     "quantize_round_to_nearest",
     "fill_activation_qparams",
     "fill_starved_activation_qparams",
@@ -209,3 +210,25 @@ def _uncovered(module: torch.nn.Module, set_names: list[str]) -> list[str]:
     if args.dynamic != DynamicType.LOCAL and hasattr(module, "input_scale"):
         expected.append("input_scale")
     return [n for n in expected if n not in set_names]
+
+
+def apply_rtn_fallback(
+    model: torch.nn.Module, starved: list[str], min_tokens: int
+) -> list[str]:
+    """Quantize the ``starved`` experts (module names) round-to-nearest from their
+    weights and give them their calibrated peers' activation scales; returns
+    ``starved`` for the report, after one warning naming them."""
+    modules = dict(model.named_modules())
+    quantize_round_to_nearest([modules[name] for name in starved])
+    filled = fill_starved_activation_qparams(model, starved)
+    peers = (
+        f"; {len(filled)} activation scale(s) taken from their calibrated peers"
+        if filled
+        else ""
+    )
+    logger.warning(
+        f"{len(starved)} expert(s) had fewer than {min_tokens} calibration "
+        "token(s) and were quantized round-to-nearest from their weights: "
+        f"{', '.join(starved[:10])}{peers}"
+    )
+    return starved

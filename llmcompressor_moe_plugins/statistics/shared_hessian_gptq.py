@@ -34,7 +34,7 @@ import torch
 from compressed_tensors.offload import disable_offloading
 from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.quantization import QuantizationStrategy
-from compressed_tensors.utils import get_execution_device, getattr_chain
+from compressed_tensors.utils import getattr_chain
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.gptq import GPTQModifier
@@ -47,12 +47,13 @@ from llmcompressor.modifiers.gptq.helpers import (
 from loguru import logger
 from pydantic import Field, PrivateAttr
 
-from .. import distributed
+from .. import upstream
 from ..calibration.base import MoECalibrationModule
 from ..calibration.batched_experts import GatedMLP
-from ..calibration.dispatch import NOT_GATED_MLPS
 from ..calibration.modes import WeightedMode
-from ..upstream import global_hooks_attached
+from ..calibration.routing import NOT_GATED_MLPS
+from ..upstream import gptq, module_hooks
+from .shared_reduction import compress_shared_hessians
 
 __all__ = ["SharedHessianGPTQModifier", "with_shared_hessian_gptq"]
 
@@ -99,12 +100,16 @@ class SharedHessianGPTQModifier(GPTQModifier):
         default_factory=dict
     )
 
+    def on_initialize(self, state: State, **kwargs) -> bool:
+        upstream.begin_run()
+        return super().on_initialize(state, **kwargs)
+
     def on_calibration_start(self, state: State, event: Event, **kwargs):
         super().on_calibration_start(state, event, **kwargs)
         # GPTQ's own target map (set in on_initialize), narrowed as its hooks are
         targeted = {
             module
-            for module in self._module_names
+            for module in gptq.module_names(self)
             if getattr_chain(module, "quantization_scheme.weights", None) is not None
         }
         weighted_blocks = 0
@@ -182,14 +187,15 @@ class SharedHessianGPTQModifier(GPTQModifier):
     # -- ExpertInputConsumer (batched all-expert forwards) -------------------------
 
     def accepts(self, linears) -> bool:
-        if global_hooks_attached():
+        if upstream.global_hooks_attached():
             return False
         return all(self._observed_only_by_us(linear) for linear in linears)
 
     def _observed_only_by_us(self, linear: torch.nn.Module) -> bool:
-        if linear._forward_pre_hooks or any(
+        pre_hooks, hooks = module_hooks(linear)
+        if pre_hooks or any(
             getattr(hook, "__wrapped__", None) != self.calibrate_module
-            for hook in linear._forward_hooks.values()
+            for hook in hooks.values()
         ):
             return False
         if "forward" in vars(linear):
@@ -203,7 +209,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
 
     def consume(self, down_proj, inputs) -> None:
         if (
-            down_proj not in self._module_names
+            down_proj not in gptq.module_names(self)
             or getattr_chain(down_proj, "quantization_scheme.weights", None) is None
         ):
             return  # not quantized by GPTQ: nothing to observe
@@ -213,10 +219,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
         # what accumulate_hessian adds for one 2-D call: 2 X^T X, one sample
         hessian = self._consumed_hessians.get(down_proj)
         if hessian is None:
-            width = rows.shape[-1]
-            hessian = torch.zeros(
-                (width, width), device=rows.device, dtype=GPTQ_PRECISION
-            )
+            hessian = gptq.zero_hessian(rows.shape[-1], rows.device)
             self._consumed_hessians[down_proj] = hessian
             self._consumed_num_samples[down_proj] = 0
         _add_rows(hessian, rows, weights)
@@ -235,9 +238,8 @@ class SharedHessianGPTQModifier(GPTQModifier):
         group = mlp.gate_proj
         if group in self._shared_members:
             if group not in self._shared_hessians:
-                width = tokens.shape[-1]
-                self._shared_hessians[group] = torch.zeros(
-                    (width, width), device=tokens.device, dtype=GPTQ_PRECISION
+                self._shared_hessians[group] = gptq.zero_hessian(
+                    tokens.shape[-1], tokens.device
                 )
                 self._shared_num_samples[group] = torch.zeros((), device=tokens.device)
             _add_rows(self._shared_hessians[group], tokens, weights)
@@ -246,27 +248,23 @@ class SharedHessianGPTQModifier(GPTQModifier):
             self._consume_rows(mlp.down_proj, intermediate, weights)
 
     def _merge_consumed_statistics(self) -> None:
+        hessians, num_samples = gptq.statistics(self)
         for module in list(self._consumed_hessians):
             hessian = self._consumed_hessians.pop(module)
             count = self._consumed_num_samples.pop(module)
-            if module in self._num_samples:  # also called as a module: add both
-                self._hessians[module] += hessian
-                self._num_samples[module] += count
+            if module in num_samples:  # also called as a module: add both
+                hessians[module] += hessian
+                num_samples[module] += count
             else:
-                self._hessians[module] = hessian
-                self._num_samples[module] = torch.tensor(
-                    float(count), device=hessian.device
-                )
+                hessians[module] = hessian
+                num_samples[module] = torch.tensor(float(count), device=hessian.device)
 
     def _accumulate_block_input(self, block, args, _output):
         representative = self._shared_members[block][0]
         if block not in self._shared_hessians:
-            device = get_execution_device(representative)
-            width = representative.weight.shape[1]
-            self._shared_hessians[block] = torch.zeros(
-                (width, width), device=device, dtype=GPTQ_PRECISION
-            )
-            self._shared_num_samples[block] = torch.zeros((), device=device)
+            hessian = gptq.module_zero_hessian(representative)
+            self._shared_hessians[block] = hessian
+            self._shared_num_samples[block] = torch.zeros((), device=hessian.device)
         accumulate_hessian(
             args[0],
             representative,
@@ -279,8 +277,9 @@ class SharedHessianGPTQModifier(GPTQModifier):
         if is_distributed():
             # one reduction per shared Hessian onto an owning rank, not one per
             # member Linear; the rest takes upstream's (aligned) distributed path
-            distributed.compress_shared_hessians(self)
+            compress_shared_hessians(self)
             return super().compress_modules()
+        hessians, counts = gptq.statistics(self)
         for group in list(self._shared_hessians):
             hessian = self._shared_hessians.pop(group)
             num_samples = self._shared_num_samples.pop(group)
@@ -289,8 +288,8 @@ class SharedHessianGPTQModifier(GPTQModifier):
                 # normal path; members share the Hessian object (prepare_batch
                 # divides into a new tensor)
                 for member in members:
-                    self._hessians[member] = hessian
-                    self._num_samples[member] = num_samples
+                    hessians[member] = hessian
+                    counts[member] = num_samples
                 continue
             self._compress_shared(members, hessian / num_samples)
         super().compress_modules()
@@ -332,9 +331,8 @@ class SharedHessianGPTQModifier(GPTQModifier):
                     percdamp=self.dampening_frac,
                 )
                 sizes = [m.weight.shape[0] for m in chunk]
-                names = [self._module_names[m] for m in chunk]
-                if used_rtn[0].item():
-                    self._rtn_fallback_module_names.extend(names)
+                names = [gptq.module_names(self)[m] for m in chunk]
+                gptq.record_compressed(self, names, bool(used_rtn[0].item()))
                 update_batch_qparams(
                     chunk,
                     quantized[0].split(sizes),
@@ -343,7 +341,6 @@ class SharedHessianGPTQModifier(GPTQModifier):
                     None,
                     quant_args,
                 )
-            self._num_compressed_modules += len(chunk)
             logger.info(
                 f"Quantized {len(chunk)} module(s) against one shared Hessian "
                 f"(GPTQ loss {losses[0].item():.4g}): {names[0]} ... {names[-1]}"
@@ -361,7 +358,9 @@ class SharedHessianGPTQModifier(GPTQModifier):
         self._shared_members.clear()
         self._member_of.clear()
         self._weighted_members.clear()
-        return super().on_finalize(state, **kwargs)
+        finalized = super().on_finalize(state, **kwargs)
+        upstream.end_run_outside_oneshot()
+        return finalized
 
 
 def with_shared_hessian_gptq(modifiers: list) -> list:

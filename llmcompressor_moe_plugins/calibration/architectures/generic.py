@@ -20,9 +20,10 @@ observed with a forward hook on the block's router (``gate`` or ``router``):
    (rows of non-negative values summing to 1). The bias itself is left out: it
    only balances load when choosing, and the rarely chosen experts it holds back
    are the ones that need tokens most;
-3. checked on the block's first calibrating forward: for at least half of the
-   tokens, the expert the affinity ranks first must be one the router chose
-   (inverted or unrelated scores give about 0 or k/E).
+3. checked once (``decisions.py``: on the block's first calibrating forward with
+   tokens, over the tokens of every rank): for at least half of the tokens, the
+   expert the affinity ranks first must be one the router chose (inverted or
+   unrelated scores give about 0 or k/E).
 
 A router whose output gives no such tensor, or whose scores fail the check, gets
 no affinities: the modes that rank tokens (``top_k``, ``min_tokens``,
@@ -39,6 +40,7 @@ from llmcompressor.modeling.moe.linear_experts import LinearExperts2D
 from loguru import logger
 
 from ..base import MoECalibrationModule, Routing
+from ..decisions import ROUTER_SCORES, BlockDecisions
 
 __all__ = [
     "CalibrationExperts",
@@ -105,7 +107,6 @@ class RouterScores:
             for owner in (router, block)
             for bias in _CORRECTION_BIASES
         ) or (getattr(config, "scoring_func", None) == "sigmoid")
-        self.verified: bool | None = None
         self._output: Any = None
         self._handle = router.register_forward_hook(self._observe)
 
@@ -141,12 +142,20 @@ class RouterScores:
             return raw
         return raw.softmax(dim=-1)
 
-    def verify(self, affinity: torch.Tensor, routed: torch.Tensor) -> bool:
-        if self.verified is None:
+    def verify(
+        self, affinity: torch.Tensor, routed: torch.Tensor, decisions: BlockDecisions
+    ) -> bool | None:
+        """Whether the scores rank a chosen expert first for at least half of the
+        tokens (of every rank); decided once, on a batch with tokens; None while
+        no batch had any."""
+
+        def votes() -> tuple[float, float]:
             top = affinity.argmax(dim=-1, keepdim=True)
-            agreement = float(routed.gather(1, top).float().mean())
-            self.verified = agreement >= _MIN_TOP1_AGREEMENT
-            if not self.verified:
+            return float(routed.gather(1, top).sum()), float(routed.shape[0])
+
+        def rule(_ranks: int, summed: list[float]) -> bool:
+            agreement = summed[0] / summed[1]
+            if agreement < _MIN_TOP1_AGREEMENT:
                 logger.warning(
                     f"{self.block_name}: the router's output does not rank the "
                     f"experts it chose first ({agreement:.0%} of tokens, need "
@@ -154,7 +163,9 @@ class RouterScores:
                     "affinities (modes that rank tokens refuse, floor top-ups are "
                     "drawn at random)"
                 )
-        return self.verified
+            return agreement >= _MIN_TOP1_AGREEMENT
+
+        return decisions.decide(ROUTER_SCORES, routed.shape[0], votes, rule)
 
 
 class CalibrationExperts(MoECalibrationModule, torch.nn.ModuleList):
@@ -198,23 +209,25 @@ class CalibrationExperts(MoECalibrationModule, torch.nn.ModuleList):
     ) -> torch.Tensor:
         scores = None
         if self.scores is not None:
+            decisions = self.ensure_dispatcher().decisions
             raw = self.scores.take(hidden_states.shape[0], self.num_experts)
-            if raw is not None and self.scores.verified is not False:
-                scores = self._checked_affinity(raw, top_k_index)
+            if raw is not None and decisions.known(ROUTER_SCORES) is not False:
+                scores = self._checked_affinity(raw, top_k_index, decisions)
         return self.dispatch(hidden_states, Routing(top_k_index, top_k_weights, scores))
 
-    def _checked_affinity(self, raw: torch.Tensor, top_k_index: torch.Tensor):
+    def _checked_affinity(
+        self, raw: torch.Tensor, top_k_index: torch.Tensor, decisions: BlockDecisions
+    ):
         router_scores = self.scores
 
         def affinity() -> torch.Tensor | None:
             values = router_scores.affinity(raw)
-            if router_scores.verified is None:
-                routed = torch.zeros_like(values, dtype=torch.bool).scatter_(
-                    1, top_k_index, True
-                )
-                if not router_scores.verify(values, routed):
-                    return None
-            return values
+            routed = torch.zeros_like(values, dtype=torch.bool).scatter_(
+                1, top_k_index, True
+            )
+            # open (no tokens anywhere yet): the empty values select nothing
+            usable = router_scores.verify(values, routed, decisions)
+            return None if usable is False else values
 
         return affinity
 

@@ -1,0 +1,110 @@
+"""GPTQModifier's private state, and the one patch of its ``compress_modules``.
+
+``SharedHessianGPTQModifier`` accumulates Hessians GPTQ would have (shared per
+block, routing-weighted per expert) and hands them to GPTQ's own state:
+``_hessians``, ``_num_samples`` (per module), ``_module_names`` (model order), and
+``_rtn_fallback_module_names`` / ``_num_compressed_modules`` (its end-of-layer
+log). Under torchrun GPTQ's Hessian reduction is positional (``compress_modules``
+bin-packs ``list(self._hessians)``), so :func:`aligned_compress_modules` makes every
+rank hold the same Hessians in the same order first and waits for every rank after
+(``distributed.gptq``); it is installed only while a run of ours is active
+(``upstream.run``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from compressed_tensors.offload.dist_utils import is_distributed
+
+from .. import distributed
+
+__all__ = [
+    "statistics",
+    "module_names",
+    "record_compressed",
+    "zero_hessian",
+    "module_zero_hessian",
+    "ensure_same_hessian_order",
+    "broadcast_qparams",
+    "aligned_compress_modules",
+]
+
+
+def statistics(
+    modifier: Any,
+) -> tuple[dict[torch.nn.Module, torch.Tensor], dict[torch.nn.Module, torch.Tensor]]:
+    """GPTQ's (Hessians, sample counts) by module, the dicts it compresses from."""
+    return modifier._hessians, modifier._num_samples
+
+
+def module_names(modifier: Any) -> dict[torch.nn.Module, str]:
+    """GPTQ's targeted modules -> names, in model order (set at initialize)."""
+    return modifier._module_names
+
+
+def record_compressed(modifier: Any, names: list[str], used_rtn: bool) -> None:
+    """Count ``names`` as compressed in GPTQ's end-of-layer summary."""
+    if used_rtn:
+        modifier._rtn_fallback_module_names.extend(names)
+    modifier._num_compressed_modules += len(names)
+
+
+def zero_hessian(width: int, device: torch.device | str) -> torch.Tensor:
+    """An empty GPTQ Hessian (``width`` x ``width`` in GPTQ's precision)."""
+    from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION
+
+    return torch.zeros((width, width), device=device, dtype=GPTQ_PRECISION)
+
+
+def module_zero_hessian(module: torch.nn.Module) -> torch.Tensor:
+    """An empty Hessian for ``module``'s input, on its execution device."""
+    from compressed_tensors.utils import get_execution_device
+
+    return zero_hessian(module.weight.shape[1], get_execution_device(module))
+
+
+def ensure_same_hessian_order(modifier: Any) -> list[torch.nn.Module]:
+    """``distributed.align_statistics`` for a ``GPTQModifier``'s statistics, in
+    model order. Call before its ``compress_modules`` runs the distributed
+    branch; idempotent."""
+    hessians, num_samples = statistics(modifier)
+    return distributed.align_statistics(
+        hessians, num_samples, module_names(modifier), module_zero_hessian
+    )
+
+
+def broadcast_qparams(
+    members: list[torch.nn.Module], owner_of: dict[torch.nn.Module, int]
+) -> None:
+    """Broadcast each member's GPTQ results from its owning rank, as GPTQ does."""
+    from llmcompressor.modifiers.gptq.base import _GPTQ_Q_PARAMS
+    from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
+
+    broadcast_qparams_and_cleanup(members, owner_of, _GPTQ_Q_PARAMS)
+
+
+def aligned_compress_modules(original: Callable) -> Callable:
+    """``GPTQModifier.compress_modules`` that, when distributed, first aligns the
+    Hessians and afterwards waits for every rank (on CPU upstream skips the
+    broadcast of CPU-executed results: ``distributed.wait_for_all_ranks``).
+    Single process: the original.
+
+    Wrapping ``compress_modules`` rather than listening to the layer's
+    ``sequential_epoch_end``: ``SharedHessianGPTQModifier`` adds statistics inside
+    its ``compress_modules`` (batched ``down_proj`` inputs), after any event, and
+    the barrier must follow the compression."""
+
+    @functools.wraps(original)
+    def compress_modules(self):
+        if not is_distributed():
+            return original(self)
+        ensure_same_hessian_order(self)
+        result = original(self)
+        distributed.wait_for_all_ranks()
+        return result
+
+    return compress_modules
