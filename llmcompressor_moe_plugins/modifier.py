@@ -45,6 +45,7 @@ from .calibration.seeding import restore_global_rng, seed_calibration_order
 from .checkpoint.checks import check_quantized_tensors
 from .checkpoint.fit import FitChange, FitPolicy, fit_schemes_to_model
 from .checkpoint.rtn import fill_starved_activation_qparams, quantize_round_to_nearest
+from .defaults import DEFAULT_FLOOR, DEFAULT_MODE, MIN_TOKENS_WITHOUT_FLOOR
 from .reporting.coverage import (
     CalibrationPass,
     CoverageReport,
@@ -70,16 +71,7 @@ def save_coverage_files(report: CoverageReport, directory: str | Path) -> None:
 
 ModeSpec = str | dict[str, int | float]
 
-# Chosen from benchmarks/quality.py (README "Which mode"; benchmarks/RESULTS.md,
-# "Session 5"): the lowest mean perplexity increase over two trained models and
-# every budget measured, never worse than the better of routed and all beyond one
-# seed spread, at routed's cost (0.98x on Qwen3-30B-A3B shapes).
-DEFAULT_MODE = "weighted:2"
-# Tokens every expert is calibrated on at least under the default mode (or all
-# the calibration set has): sampling alone gives experts that a skewed router
-# never picks almost no tokens. 16 had the lowest mean perplexity increase of the
-# floors measured (4, 8, 16, 64; benchmarks/RESULTS.md, "The floor").
-DEFAULT_FLOOR = 16
+# the defaults, with why they were chosen: defaults.py (the CLI reads them too)
 
 
 class MoECalibrationModifier(Modifier):
@@ -201,7 +193,7 @@ class MoECalibrationModifier(Modifier):
             return self._resolved[2]
         if self.min_tokens is not None:
             return self.min_tokens
-        return self.resolved_floor() or 1
+        return self.resolved_floor() or MIN_TOKENS_WITHOUT_FLOOR
 
     # -- lifecycle ----------------------------------------------------------------
 

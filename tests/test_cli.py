@@ -22,7 +22,12 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import AutoModelForCausalLM
 
 from llmcompressor_moe_plugins import CoverageReport, cli, recipes, tiny
+from llmcompressor_moe_plugins.cli import datasets as cli_datasets
 from llmcompressor_moe_plugins.cli import main
+from llmcompressor_moe_plugins.cli import models as cli_models
+from llmcompressor_moe_plugins.cli import quantize as cli_quantize
+from llmcompressor_moe_plugins.cli import saving as cli_saving
+from llmcompressor_moe_plugins.cli.hub import ModelSource
 from llmcompressor_moe_plugins.modifier import DEFAULT_FLOOR, DEFAULT_MODE
 
 ERROR = "llmcompressor-moe: error: "
@@ -43,7 +48,7 @@ def no_heavy_work(monkeypatch):
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", forbidden)
     monkeypatch.setattr(tiny, "build_tiny_glm4_moe", forbidden)
-    monkeypatch.setattr(cli, "_calibrate", forbidden)
+    monkeypatch.setattr(cli_quantize, "calibrate", forbidden)
 
 
 @pytest.fixture
@@ -240,11 +245,11 @@ def test_moe_block_classes_without_plan_calibration(glm4_dir, monkeypatch):
     not exist, from modules with experts and a gate or router."""
     from llmcompressor_moe_plugins.calibration import context
 
-    config = cli._model_config(cli.ModelSource(str(glm4_dir)))
-    model = cli._meta_model(config, "glm4")
-    planned = cli._moe_block_classes(model)
+    config = cli_models.model_config(ModelSource(str(glm4_dir)))
+    model = cli_models.meta_model(config, "glm4")
+    planned = cli_models.moe_block_classes(model)
     monkeypatch.delattr(context, "plan_calibration", raising=False)
-    assert cli._moe_block_classes(model) == planned == ["Glm4MoeMoE"] * 2
+    assert cli_models.moe_block_classes(model) == planned == ["Glm4MoeMoE"] * 2
 
 
 # -- item 2: the output directory is checked first ---------------------------------
@@ -292,9 +297,9 @@ def test_overwrite_never_deletes_the_model_it_reads(
 
 def run_without_calibration(monkeypatch, save=None):
     """Load the model but skip oneshot; ``save`` replaces the checkpoint save."""
-    monkeypatch.setattr(cli, "_calibrate", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cli_quantize, "calibrate", lambda *args, **kwargs: None)
     if save is not None:
-        monkeypatch.setattr(cli, "_save_checkpoint", save)
+        monkeypatch.setattr(cli_saving, "save_checkpoint", save)
 
 
 def save_plain(model, tokenizer, report, directory, source=None):
@@ -491,13 +496,15 @@ def test_local_dataset_directory(tmp_path, tokenizer):
             "16",
         ]  # fmt: skip
     )
-    source = cli._dataset_source(args)
-    dataset = cli._calibration_dataset(source, tokenizer, args)
+    source = cli_datasets.dataset_source(args)
+    dataset = cli_datasets.calibration_dataset(source, tokenizer, args)
     assert dataset.num_rows == 2 and len(dataset[0]["input_ids"]) == 16
 
     args.text_column = "text"
     with pytest.raises(cli.CliError, match="has no column 'text'.*content"):
-        cli._calibration_dataset(cli._dataset_source(args), tokenizer, args)
+        cli_datasets.calibration_dataset(
+            cli_datasets.dataset_source(args), tokenizer, args
+        )
 
 
 def test_too_little_text_is_refused_before_loading_weights(
@@ -541,7 +548,7 @@ def test_console_output_quiet_by_default_everything_with_v(verbose, capsys):
     assert len(python_warnings) == (2 if verbose else 1)
     for detail in ("Compression lifecycle reset", "error 0.01", "a detail of ours"):
         assert (detail in err) == verbose
-    assert ("3 repeated warning(s) not shown again" in err) != verbose
+    assert ("3 repeated or not applicable warning(s) not shown" in err) != verbose
 
 
 # -- full runs (slow) --------------------------------------------------------------
