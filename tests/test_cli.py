@@ -653,3 +653,124 @@ def test_starved_experts_fail_then_fall_back(textbook_dir, tmp_path, capsys):
     expert = report["rtn_fallback"][0].removeprefix("model.") + ".gate_proj"
     scale = model.model.get_submodule(expert).weight_scale
     assert torch.isfinite(scale).all() and (scale > 1e-6).all()
+
+
+def emit_like_glm_45_air(experts: int, layers: int = 46):
+    """Every per-layer and per-expert line source of a GLM-4.5-Air-sized run:
+    llmcompressor's two METRIC lines per quantized Linear, our shared-Hessian
+    line per expert chunk, upstream's repeated warnings, the not-applicable
+    ones (MTP, linearization, torch.fx) and a torch logging warning per layer."""
+    import logging
+
+    from loguru import logger
+
+    upstream = logger.patch(lambda r: r.update(name="llmcompressor.modifiers.x"))
+    tensors = logger.patch(lambda r: r.update(name="compressed_tensors.utils.mtp"))
+    stats = logger.patch(
+        lambda r: r.update(name="llmcompressor_moe_plugins.statistics.x")
+    )
+    ours = logger.patch(lambda r: r.update(name="llmcompressor_moe_plugins.cli"))
+    ours.info("Calibrating (our stage line)")
+    for layer in range(layers):
+        upstream.warning("Detected an MoE model which has not been linearized.")
+        logging.getLogger("torch.fx._symbolic_trace").warning(
+            "is_fx_tracing will return true for both fx.symbolic_trace and export"
+        )
+        for expert in range(experts):
+            for linear in ("gate_proj", "up_proj", "down_proj"):
+                name = f"model.layers.{layer}.mlp.experts.{expert}.{linear}"
+                upstream.log("METRIC", f"GPTQ {name}: error 0.01")
+                upstream.log("METRIC", "time 0.10s")
+            stats.debug(f"Quantized 2 module(s) against one shared Hessian: {name}")
+    tensors.warning("Could not find MTP weights with prefix mtp")
+    ours.info("Saving (our stage line)")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_line_count_does_not_grow_with_experts(verbose, capsys):
+    """46 layers of line sources: quiet, the console gets the same few lines
+    for 2 experts as for 128 (no per-expert, per-Linear or not-applicable
+    lines); -v gets every one of them."""
+    from llmcompressor_moe_plugins.cli.logs import cli_logging
+
+    counts = {}
+    for experts in (2, 128):
+        with cli_logging(verbose=verbose):
+            emit_like_glm_45_air(experts)
+        err = capsys.readouterr().err
+        counts[experts] = len(err.splitlines())
+        assert ("MTP" in err) == verbose  # no MTP warning on a model without MTP
+    if verbose:
+        assert counts[128] > 46 * 128 * 7
+    else:
+        assert counts[2] == counts[128] == 3  # two stage lines, one closing line
+
+
+@pytest.fixture
+def plain_gptq_recipe(tmp_path):
+    """The shipped GPTQ recipe with plain GPTQModifier, as a user's own."""
+    shipped = recipes.get("glm4_moe_w4a16_gptq")
+    assert "SharedHessianGPTQModifier:" in shipped
+    plain = tmp_path / "plain_gptq.yaml"
+    plain.write_text(shipped.replace("SharedHessianGPTQModifier:", "GPTQModifier:"))
+    return plain
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--mode", "weighted:2,prior:0.05"], ["--block-mode", "Glm4MoeMoE=weighted:1"]],
+)
+def test_chosen_weighted_mode_with_plain_gptq_stops_as_in_python(
+    flags, plain_gptq_recipe, tmp_path, capsys, no_heavy_work
+):
+    """What Python does with this recipe (tests/test_weighted.py: a ValueError
+    before calibrating), the CLI does before loading anything: never a swap."""
+    output = tmp_path / "out"
+    argv = ["quantize", "--recipe", str(plain_gptq_recipe), "--output", str(output)]
+    assert main([*argv, *flags]) == 2
+    line = error_line(capsys)
+    assert "only SharedHessianGPTQModifier accumulates" in line
+    assert "Rename it to SharedHessianGPTQModifier" in line
+    assert not output.exists()
+
+
+def test_default_mode_with_plain_gptq_keeps_the_recipe(plain_gptq_recipe):
+    """The default calibrates unweighted under plain GPTQModifier, as in
+    Python: the CLI runs the recipe's modifiers as written."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    from llmcompressor_moe_plugins.cli.recipe import load_recipe_modifiers
+
+    args = cli.build_parser().parse_args(["quantize"])
+    modifiers = load_recipe_modifiers(str(plain_gptq_recipe), args)
+    assert [type(m) for m in modifiers if isinstance(m, GPTQModifier)] == [GPTQModifier]
+
+
+@pytest.mark.parametrize(
+    ("label", "applied"),
+    [
+        ("SharedHessianGPTQModifier", "weighted:2"),
+        (
+            "GPTQModifier",
+            "weighted:2 (unweighted under GPTQModifier: use "
+            "SharedHessianGPTQModifier for the weights)",
+        ),
+        (
+            "AWQModifier, QuantizationModifier",
+            "weighted:2 (unweighted under AWQModifier, QuantizationModifier)",
+        ),
+    ],
+)
+def test_report_says_what_was_applied(label, applied, tmp_path):
+    """The log's settings line and coverage.json say the same words."""
+    from llmcompressor_moe_plugins.reporting.coverage import (
+        BlockCoverage,
+        CalibrationPass,
+    )
+
+    block = BlockCoverage("m.l.1.mlp", "B", "C", "weighted:2", [5, 3], [21, 16], 16)
+    report = CoverageReport([CalibrationPass(label, [block])], min_tokens=16)
+    assert f"mode {applied}; floor 16" in report.format_table()
+    written = json.loads(report.save_json(tmp_path / "coverage.json").read_text())
+    assert written["passes"][0]["applied"] == applied
+    assert CoverageReport.from_dict(written).blocks == [block]  # still reads
