@@ -220,4 +220,5 @@ def calibrate(
             recipe=modifiers,
             num_calibration_samples=num_samples,
             max_seq_length=args.seq_len,
+            trust_remote_code_model=getattr(args, "trust_remote_code", False),
         )
