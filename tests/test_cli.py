@@ -774,3 +774,22 @@ def test_report_says_what_was_applied(label, applied, tmp_path):
     written = json.loads(report.save_json(tmp_path / "coverage.json").read_text())
     assert written["passes"][0]["applied"] == applied
     assert CoverageReport.from_dict(written).blocks == [block]  # still reads
+
+
+def test_plugins_table_keeps_its_columns_with_long_module_paths(plugin_path, capsys):
+    from tests.helpers import install_fake_distribution
+
+    long_module = "fake_plugin_long." + "very_long_package_name." * 3 + "module"
+    install_fake_distribution(
+        plugin_path,
+        "fake-plugin-long",
+        {"VeryLongMoeBlockClassName": f"{long_module}:CalibrationVeryLong"},
+        {},
+    )
+    assert main(["plugins"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0]
+    column = header.index("distribution")
+    for line in lines[1:]:
+        if line.strip() and not line.lstrip().startswith("(shadowed"):
+            assert line[column - 1] == " " and line[column] != " ", line

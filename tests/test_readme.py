@@ -420,14 +420,25 @@ def test_adding_an_architecture_template_runs_as_written(scoring, plugin_path):
     default mode (weighted:2 with its floor): outputs equal the block's own, and
     every expert is calibrated on at least the floor's tokens, which needs the
     template's scores (the README once passed ``logits.softmax``: TypeError)."""
-    import torch
 
     import llmcompressor_moe_plugins
-    from llmcompressor_moe_plugins import defaults, moe_calibration_context
 
     namespace: dict = {}
     exec(compile(_template_source(), "README.md", "exec"), namespace)
     llmcompressor_moe_plugins.register("MyMoeBlock", namespace["CalibrationMyMoeBlock"])
+    try:
+        _run_template_block(scoring)
+    finally:
+        from llmcompressor_moe_plugins.calibration.registry import unregister
+
+        unregister("MyMoeBlock")
+
+
+def _run_template_block(scoring: str) -> None:
+    import torch
+
+    from llmcompressor_moe_plugins import defaults, moe_calibration_context
+
     torch.manual_seed(0)
     model = torch.nn.Sequential(_my_moe_block(scoring))
     tokens = torch.randn(2, 32, 16)

@@ -12,12 +12,18 @@ from .hub import resolve_model
 __all__ = ["list_recipes_command", "list_plugins_command", "plan_command"]
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    """Columns as wide as their longest cell (module paths get long); the last
-    column is left unpadded."""
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+def _table(
+    header: tuple[str, ...], rows: list[tuple[str, ...]], widths: tuple[int, ...]
+) -> list[str]:
+    """Columns at least ``widths`` wide, wider where a cell is longer (module
+    paths get long: a column never runs into the next); the last column is
+    left unpadded."""
+    widths = tuple(
+        max(width, *(len(row[i]) for row in (header, *rows)))
+        for i, width in enumerate(widths)
+    )
     return [
-        "  ".join(
+        " ".join(
             cell if i == len(row) - 1 else f"{cell:<{widths[i]}}"
             for i, cell in enumerate(row)
         ).rstrip()
@@ -27,7 +33,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 
 def list_recipes_command() -> int:
     rows = [(name, recipes.describe(name)) for name in recipes.names()]
-    print("\n".join(_table(("recipe", "what it is for"), rows)))
+    print("\n".join(_table(("recipe", "what it is for"), rows, (24, 0))))
     return 0
 
 
@@ -41,7 +47,7 @@ def list_plugins_command() -> int:
         for shadowed in entry.shadowed:
             rows.append(("", f"(shadowed: {shadowed})", "", ""))
     header = ("block class", "calibration module", "distribution", "status")
-    print("\n".join(_table(header, rows)))
+    print("\n".join(_table(header, rows, (20, 58, 26, 0))))
     return 0
 
 
@@ -62,7 +68,7 @@ def plan_command(args: argparse.Namespace) -> int:
     rows = []
     for (block_class, path, detail), names in by_class.items():
         how = f"module {detail}" if path == "registered" else f"dispatcher ({detail})"
-        rows.append((block_class, path, str(len(names)), f"{how}; {names[0]}"))
+        rows.append((block_class, path, f"{len(names):>6}", f"{how}; {names[0]}"))
     for block_class in find_unregistered_moe_blocks(model):
         rows.append(
             (
@@ -75,7 +81,7 @@ def plan_command(args: argparse.Namespace) -> int:
             )
         )
     header = ("block class", "path", "blocks", "calibrated by / first block")
-    print("\n".join(_table(header, rows)))
+    print("\n".join(_table(header, rows, (32, 11, 6, 0))))
     if not by_class:
         print(f"No MoE block in {args.model}: the plugin would do nothing.")
     return 0
