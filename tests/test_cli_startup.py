@@ -138,3 +138,31 @@ def test_ctrl_c_while_calibrating_keeps_the_old_output(tmp_path):
     assert sorted(p.name for p in output.iterdir()) == ["kept.txt"]
     assert (output / "kept.txt").read_text() == "the previous checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging left
+
+
+def test_import_is_cheap_and_still_registers_for_yaml_recipes():
+    """``import llmcompressor_moe_plugins`` imports nothing heavy, and a YAML
+    recipe naming our modifiers (and the textbook model's model_type) still
+    resolves afterwards, in a fresh process (nothing imported them before)."""
+    script = (
+        "import sys\n"
+        "import llmcompressor_moe_plugins\n"
+        f"heavy = [m for m in {HEAVY!r} if m in sys.modules]\n"
+        "assert heavy == [], heavy\n"
+        "from llmcompressor.recipe import Recipe\n"
+        "from llmcompressor_moe_plugins import recipes\n"
+        "path = recipes.path('glm4_moe_w4a16_gptq')\n"
+        "names = [type(m).__name__ for m in Recipe.create_instance(path).modifiers]\n"
+        "assert names == ['MoECalibrationModifier', 'SharedHessianGPTQModifier']\n"
+        "from transformers import AutoConfig\n"
+        "assert type(AutoConfig.for_model('textbook_moe')).__name__ == "
+        "'TextbookMoeConfig'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
