@@ -45,8 +45,10 @@ from .calibration.seeding import restore_global_rng, seed_calibration_order
 from .checkpoint.checks import check_quantized_tensors
 from .checkpoint.fit import FitChange, FitPolicy, fit_schemes_to_model
 from .checkpoint.layout import ExpertSaveLayout, apply_save_layout, plan_save_layout
+from .checkpoint.output_dir import staged_output_dir
 from .checkpoint.rtn import apply_rtn_fallback
 from .checkpoint.verify import finish_checkpoint
+from .defaults import DEFAULT_FLOOR, DEFAULT_MODE, MIN_TOKENS_WITHOUT_FLOOR
 from .reporting.coverage import (
     CalibrationPass,
     CoverageReport,
@@ -68,15 +70,7 @@ def last_coverage_report() -> CoverageReport | None:
 
 ModeSpec = str | dict[str, int | float]
 
-# Chosen from benchmarks/quality.py (README "Which mode"; RESULTS.md "Session 5"):
-# the lowest mean perplexity increase over two trained models and every budget,
-# never worse than the better of routed and all beyond one seed spread.
-DEFAULT_MODE = "weighted:2"
-# Tokens every expert is calibrated on at least under the default mode (or all
-# the calibration set has): sampling alone gives experts that a skewed router
-# never picks almost no tokens. 16 had the lowest mean perplexity increase of the
-# floors measured (4, 8, 16, 64; benchmarks/RESULTS.md, "The floor").
-DEFAULT_FLOOR = 16
+# the defaults, with why they were chosen: defaults.py (the CLI reads them too)
 
 
 class MoECalibrationModifier(Modifier):
@@ -199,7 +193,7 @@ class MoECalibrationModifier(Modifier):
             return self._resolved[2]
         if self.min_tokens is not None:
             return self.min_tokens
-        return self.resolved_floor() or 1
+        return self.resolved_floor() or MIN_TOKENS_WITHOUT_FLOOR
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -388,6 +382,7 @@ class MoECalibrationModifier(Modifier):
         check_quantized_tensors(state.model)
         apply_save_layout(state.model, self._save_layout)
         if distributed.world()[0] == 0:  # every rank saves; rank 0 writes
+            upstream.save_into(staged_output_dir)  # moved in once checked
             upstream.after_save(
                 lambda directory: save_coverage_files(report, directory)
             )

@@ -22,7 +22,12 @@ from huggingface_hub.errors import RepositoryNotFoundError
 from transformers import AutoModelForCausalLM
 
 from llmcompressor_moe_plugins import CoverageReport, cli, recipes, tiny
+from llmcompressor_moe_plugins.cli import datasets as cli_datasets
 from llmcompressor_moe_plugins.cli import main
+from llmcompressor_moe_plugins.cli import models as cli_models
+from llmcompressor_moe_plugins.cli import quantize as cli_quantize
+from llmcompressor_moe_plugins.cli import saving as cli_saving
+from llmcompressor_moe_plugins.cli.hub import ModelSource
 from llmcompressor_moe_plugins.modifier import DEFAULT_FLOOR, DEFAULT_MODE
 
 ERROR = "llmcompressor-moe: error: "
@@ -43,7 +48,7 @@ def no_heavy_work(monkeypatch):
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", forbidden)
     monkeypatch.setattr(tiny, "build_tiny_glm4_moe", forbidden)
-    monkeypatch.setattr(cli, "_calibrate", forbidden)
+    monkeypatch.setattr(cli_quantize, "calibrate", forbidden)
 
 
 @pytest.fixture
@@ -240,11 +245,11 @@ def test_moe_block_classes_without_plan_calibration(glm4_dir, monkeypatch):
     not exist, from modules with experts and a gate or router."""
     from llmcompressor_moe_plugins.calibration import context
 
-    config = cli._model_config(cli.ModelSource(str(glm4_dir)))
-    model = cli._meta_model(config, "glm4")
-    planned = cli._moe_block_classes(model)
+    config = cli_models.model_config(ModelSource(str(glm4_dir)))
+    model = cli_models.meta_model(config, "glm4")
+    planned = cli_models.moe_block_classes(model)
     monkeypatch.delattr(context, "plan_calibration", raising=False)
-    assert cli._moe_block_classes(model) == planned == ["Glm4MoeMoE"] * 2
+    assert cli_models.moe_block_classes(model) == planned == ["Glm4MoeMoE"] * 2
 
 
 # -- item 2: the output directory is checked first ---------------------------------
@@ -292,9 +297,9 @@ def test_overwrite_never_deletes_the_model_it_reads(
 
 def run_without_calibration(monkeypatch, save=None):
     """Load the model but skip oneshot; ``save`` replaces the checkpoint save."""
-    monkeypatch.setattr(cli, "_calibrate", lambda *args, **kwargs: None)
+    monkeypatch.setattr(cli_quantize, "calibrate", lambda *args, **kwargs: None)
     if save is not None:
-        monkeypatch.setattr(cli, "_save_checkpoint", save)
+        monkeypatch.setattr(cli_saving, "save_checkpoint", save)
 
 
 def save_plain(model, tokenizer, report, directory, source=None):
@@ -491,13 +496,15 @@ def test_local_dataset_directory(tmp_path, tokenizer):
             "16",
         ]  # fmt: skip
     )
-    source = cli._dataset_source(args)
-    dataset = cli._calibration_dataset(source, tokenizer, args)
+    source = cli_datasets.dataset_source(args)
+    dataset = cli_datasets.calibration_dataset(source, tokenizer, args)
     assert dataset.num_rows == 2 and len(dataset[0]["input_ids"]) == 16
 
     args.text_column = "text"
     with pytest.raises(cli.CliError, match="has no column 'text'.*content"):
-        cli._calibration_dataset(cli._dataset_source(args), tokenizer, args)
+        cli_datasets.calibration_dataset(
+            cli_datasets.dataset_source(args), tokenizer, args
+        )
 
 
 def test_too_little_text_is_refused_before_loading_weights(
@@ -541,7 +548,7 @@ def test_console_output_quiet_by_default_everything_with_v(verbose, capsys):
     assert len(python_warnings) == (2 if verbose else 1)
     for detail in ("Compression lifecycle reset", "error 0.01", "a detail of ours"):
         assert (detail in err) == verbose
-    assert ("3 repeated warning(s) not shown again" in err) != verbose
+    assert ("3 repeated or not applicable warning(s) not shown" in err) != verbose
 
 
 # -- full runs (slow) --------------------------------------------------------------
@@ -646,3 +653,143 @@ def test_starved_experts_fail_then_fall_back(textbook_dir, tmp_path, capsys):
     expert = report["rtn_fallback"][0].removeprefix("model.") + ".gate_proj"
     scale = model.model.get_submodule(expert).weight_scale
     assert torch.isfinite(scale).all() and (scale > 1e-6).all()
+
+
+def emit_like_glm_45_air(experts: int, layers: int = 46):
+    """Every per-layer and per-expert line source of a GLM-4.5-Air-sized run:
+    llmcompressor's two METRIC lines per quantized Linear, our shared-Hessian
+    line per expert chunk, upstream's repeated warnings, the not-applicable
+    ones (MTP, linearization, torch.fx) and a torch logging warning per layer."""
+    import logging
+
+    from loguru import logger
+
+    upstream = logger.patch(lambda r: r.update(name="llmcompressor.modifiers.x"))
+    tensors = logger.patch(lambda r: r.update(name="compressed_tensors.utils.mtp"))
+    stats = logger.patch(
+        lambda r: r.update(name="llmcompressor_moe_plugins.statistics.x")
+    )
+    ours = logger.patch(lambda r: r.update(name="llmcompressor_moe_plugins.cli"))
+    ours.info("Calibrating (our stage line)")
+    for layer in range(layers):
+        upstream.warning("Detected an MoE model which has not been linearized.")
+        logging.getLogger("torch.fx._symbolic_trace").warning(
+            "is_fx_tracing will return true for both fx.symbolic_trace and export"
+        )
+        for expert in range(experts):
+            for linear in ("gate_proj", "up_proj", "down_proj"):
+                name = f"model.layers.{layer}.mlp.experts.{expert}.{linear}"
+                upstream.log("METRIC", f"GPTQ {name}: error 0.01")
+                upstream.log("METRIC", "time 0.10s")
+            stats.debug(f"Quantized 2 module(s) against one shared Hessian: {name}")
+    tensors.warning("Could not find MTP weights with prefix mtp")
+    ours.info("Saving (our stage line)")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_line_count_does_not_grow_with_experts(verbose, capsys):
+    """46 layers of line sources: quiet, the console gets the same few lines
+    for 2 experts as for 128 (no per-expert, per-Linear or not-applicable
+    lines); -v gets every one of them."""
+    from llmcompressor_moe_plugins.cli.logs import cli_logging
+
+    counts = {}
+    for experts in (2, 128):
+        with cli_logging(verbose=verbose):
+            emit_like_glm_45_air(experts)
+        err = capsys.readouterr().err
+        counts[experts] = len(err.splitlines())
+        assert ("MTP" in err) == verbose  # no MTP warning on a model without MTP
+    if verbose:
+        assert counts[128] > 46 * 128 * 7
+    else:
+        assert counts[2] == counts[128] == 3  # two stage lines, one closing line
+
+
+@pytest.fixture
+def plain_gptq_recipe(tmp_path):
+    """The shipped GPTQ recipe with plain GPTQModifier, as a user's own."""
+    shipped = recipes.get("glm4_moe_w4a16_gptq")
+    assert "SharedHessianGPTQModifier:" in shipped
+    plain = tmp_path / "plain_gptq.yaml"
+    plain.write_text(shipped.replace("SharedHessianGPTQModifier:", "GPTQModifier:"))
+    return plain
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--mode", "weighted:2,prior:0.05"], ["--block-mode", "Glm4MoeMoE=weighted:1"]],
+)
+def test_chosen_weighted_mode_with_plain_gptq_stops_as_in_python(
+    flags, plain_gptq_recipe, tmp_path, capsys, no_heavy_work
+):
+    """What Python does with this recipe (tests/test_weighted.py: a ValueError
+    before calibrating), the CLI does before loading anything: never a swap."""
+    output = tmp_path / "out"
+    argv = ["quantize", "--recipe", str(plain_gptq_recipe), "--output", str(output)]
+    assert main([*argv, *flags]) == 2
+    line = error_line(capsys)
+    assert "only SharedHessianGPTQModifier accumulates" in line
+    assert "Rename it to SharedHessianGPTQModifier" in line
+    assert not output.exists()
+
+
+def test_default_mode_with_plain_gptq_keeps_the_recipe(plain_gptq_recipe):
+    """The default calibrates unweighted under plain GPTQModifier, as in
+    Python: the CLI runs the recipe's modifiers as written."""
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    from llmcompressor_moe_plugins.cli.recipe import load_recipe_modifiers
+
+    args = cli.build_parser().parse_args(["quantize"])
+    modifiers = load_recipe_modifiers(str(plain_gptq_recipe), args)
+    assert [type(m) for m in modifiers if isinstance(m, GPTQModifier)] == [GPTQModifier]
+
+
+@pytest.mark.parametrize(
+    ("label", "applied"),
+    [
+        ("SharedHessianGPTQModifier", "weighted:2"),
+        (
+            "GPTQModifier",
+            "weighted:2 (unweighted under GPTQModifier: use "
+            "SharedHessianGPTQModifier for the weights)",
+        ),
+        (
+            "AWQModifier, QuantizationModifier",
+            "weighted:2 (unweighted under AWQModifier, QuantizationModifier)",
+        ),
+    ],
+)
+def test_report_says_what_was_applied(label, applied, tmp_path):
+    """The log's settings line and coverage.json say the same words."""
+    from llmcompressor_moe_plugins.reporting.coverage import (
+        BlockCoverage,
+        CalibrationPass,
+    )
+
+    block = BlockCoverage("m.l.1.mlp", "B", "C", "weighted:2", [5, 3], [21, 16], 16)
+    report = CoverageReport([CalibrationPass(label, [block])], min_tokens=16)
+    assert f"mode {applied}; floor 16" in report.format_table()
+    written = json.loads(report.save_json(tmp_path / "coverage.json").read_text())
+    assert written["passes"][0]["applied"] == applied
+    assert CoverageReport.from_dict(written).blocks == [block]  # still reads
+
+
+def test_plugins_table_keeps_its_columns_with_long_module_paths(plugin_path, capsys):
+    from tests.helpers import install_fake_distribution
+
+    long_module = "fake_plugin_long." + "very_long_package_name." * 3 + "module"
+    install_fake_distribution(
+        plugin_path,
+        "fake-plugin-long",
+        {"VeryLongMoeBlockClassName": f"{long_module}:CalibrationVeryLong"},
+        {},
+    )
+    assert main(["plugins"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0]
+    column = header.index("distribution")
+    for line in lines[1:]:
+        if line.strip() and not line.lstrip().startswith("(shadowed"):
+            assert line[column - 1] == " " and line[column] != " ", line

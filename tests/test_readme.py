@@ -48,6 +48,7 @@ SUBSTITUTIONS: list[tuple[str, str, str]] = [
         f"num_calibration_samples={NUM_SAMPLES}",
     ),
     ("python", r"max_seq_length=\d+", f"max_seq_length={SEQ_LEN}"),
+    ("python", r'"path/to/calibration\.jsonl"', 'r"{dataset_jsonl}"'),
     ("bash", r"path/to/GLM-4\.5-Air", "{model}"),
     ("bash", r"(--dataset\s+)open_platypus", r"\g<1>{dataset_jsonl}"),
     ("bash", r"--num-samples\s+\d+", f"--num-samples {NUM_SAMPLES}"),
@@ -350,3 +351,152 @@ def test_yaml_recipe_runs(block, readme_inputs, tmp_path):
     )
     run([sys.executable, "-c", script], cwd=tmp_path)
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+# -- "Adding an architecture": the template, as written ---------------------------
+
+
+def _template_source() -> str:
+    text = README.read_text()
+    start = text.index(
+        "```python\nfrom llmcompressor_moe_plugins import MoECalibrationModule"
+    )
+    return text[start + len("```python\n") : text.index("```", start + 10)]
+
+
+class _Gate(__import__("torch").nn.Module):
+    """A router returning ``(logits, weights, indices)``, as the template reads."""
+
+    def __init__(self, hidden: int, experts: int, k: int, scoring: str):
+        import torch
+
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, experts, bias=False)
+        self.k, self.scoring = k, scoring
+
+    def forward(self, hidden_states):
+        logits = self.proj(hidden_states.view(-1, hidden_states.shape[-1]))
+        if self.scoring == "softmax":
+            weights, indices = logits.softmax(dim=-1).topk(self.k)
+        else:
+            weights, indices = logits.sigmoid().topk(self.k)
+            weights = weights / weights.sum(-1, keepdim=True)
+        return logits, weights, indices
+
+
+def _my_moe_block(scoring: str, hidden=16, experts=8, k=2):
+    import torch
+
+    from llmcompressor_moe_plugins.models.textbook_moe import TextbookExpert
+
+    class MyMoeBlock(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate = _Gate(hidden, experts, k, scoring)
+            self.experts = torch.nn.ModuleList(
+                TextbookExpert(hidden, 24) for _ in range(experts)
+            )
+            self.shared_experts = TextbookExpert(hidden, 24)
+
+        def forward(self, hidden_states):
+            flat = hidden_states.view(-1, hidden_states.shape[-1])
+            _, weights, indices = self.gate(hidden_states)
+            out = torch.zeros_like(flat)
+            for slot in range(indices.shape[1]):
+                for e in range(experts):
+                    rows = indices[:, slot] == e
+                    if rows.any():
+                        out[rows] += weights[rows, slot, None] * self.experts[e](
+                            flat[rows]
+                        )
+            return out.view(hidden_states.shape) + self.shared_experts(hidden_states)
+
+    return MyMoeBlock()
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_adding_an_architecture_template_runs_as_written(scoring, plugin_path):
+    """The README's module, registered for a block of that shape, under the
+    default mode (weighted:2 with its floor): outputs equal the block's own, and
+    every expert is calibrated on at least the floor's tokens, which needs the
+    template's scores (the README once passed ``logits.softmax``: TypeError)."""
+
+    import llmcompressor_moe_plugins
+
+    namespace: dict = {}
+    exec(compile(_template_source(), "README.md", "exec"), namespace)
+    llmcompressor_moe_plugins.register("MyMoeBlock", namespace["CalibrationMyMoeBlock"])
+    try:
+        _run_template_block(scoring)
+    finally:
+        from llmcompressor_moe_plugins.calibration.registry import unregister
+
+        unregister("MyMoeBlock")
+
+
+def _run_template_block(scoring: str) -> None:
+    import torch
+
+    from llmcompressor_moe_plugins import defaults, moe_calibration_context
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_my_moe_block(scoring))
+    tokens = torch.randn(2, 32, 16)
+    expected = model(tokens)
+    seen = {e: 0 for e in range(8)}
+    hooks = [
+        expert.gate_proj.register_forward_hook(
+            lambda _m, args, _o, e=e: seen.__setitem__(e, seen[e] + args[0].shape[0])
+        )
+        for e, expert in enumerate(model[0].experts)
+    ]
+    with moe_calibration_context(
+        model, mode=defaults.DEFAULT_MODE, floor=defaults.DEFAULT_FLOOR
+    ) as swapped:
+        assert type(model[0]).__name__ == "CalibrationMyMoeBlock"
+        got = model(tokens)
+    for hook in hooks:
+        hook.remove()
+    assert len(swapped.blocks) == 1
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert min(seen.values()) >= defaults.DEFAULT_FLOOR, seen
+
+
+# -- sections a new user looks for -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("section", "must_say"),
+    [
+        ("## Serving the result", ["vllm serve", "--speculative-config", "not run"]),
+        ("## What a real model needs", ["Estimates", "GLM-4.5-Air", "DeepSeek-V3"]),
+        ("### Quick start without the network", ["HF_HUB_OFFLINE", "load_dataset"]),
+        ("## Set up and run", ['-m "not slow"', "at most 5 minutes", "66 s wall"]),
+    ],
+)
+def test_readme_sections_exist(section, must_say):
+    text = README.read_text()
+    assert section in text
+    body = text.split(section, 1)[1].split("\n## ", 1)[0]
+    for words in must_say:
+        assert words in body, words
+
+
+def test_real_model_table_covers_every_model_with_its_arithmetic():
+    text = README.read_text().split("## What a real model needs", 1)[1]
+    text = text.split("\n## ", 1)[0]
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    models = ["GLM-4.5-Air", "GLM-4.5 / 4.6 / 4.7", "Qwen3-30B-A3B"]
+    models += ["Qwen3-235B-A22B", "DeepSeek-V3"]
+    assert [row.split(" | ")[0].strip("| ") for row in rows] == models
+    for row in rows:  # every estimate shows its arithmetic
+        assert " x 60 s" in row and "x 4 B" in row, row
+
+
+def test_serving_commands_cover_every_shipped_quantized_recipe():
+    from llmcompressor_moe_plugins import recipes
+
+    text = README.read_text().split("## Serving the result", 1)[1].split("\n## ")[0]
+    for name in recipes.names():
+        if name.startswith("glm4_moe_"):
+            assert f"`{name}`" in text, name

@@ -283,31 +283,6 @@ def test_plain_gptq_with_a_weighted_mode_stops_before_calibrating(
     assert not any(hasattr(m, "weight_scale") for m in model.modules())
 
 
-def test_cli_weighted_mode_runs_gptq_as_shared_hessian_gptq(tmp_path):
-    """A recipe naming plain GPTQModifier (a user's own) runs GPTQ as
-    SharedHessianGPTQModifier when the CLI's mode is weighted, as is otherwise."""
-    from llmcompressor.modifiers.gptq import GPTQModifier
-
-    from llmcompressor_moe_plugins import cli, recipes
-
-    shipped = recipes.get("glm4_moe_w4a16_gptq")
-    assert "SharedHessianGPTQModifier:" in shipped  # weighted default works as is
-    plain = tmp_path / "plain_gptq.yaml"
-    plain.write_text(shipped.replace("SharedHessianGPTQModifier:", "GPTQModifier:"))
-
-    def gptq_types(*flags):
-        args = cli.build_parser().parse_args(["quantize", "--output", "o", *flags])
-        modifiers = cli._load_recipe_modifiers(str(plain), args)
-        return [type(m) for m in modifiers if isinstance(m, GPTQModifier)]
-
-    assert gptq_types("--mode", "weighted:2,prior:0.05") == [SharedHessianGPTQModifier]
-    assert gptq_types() == [SharedHessianGPTQModifier]  # the default, weighted:2
-    assert gptq_types("--mode", "routed") == [GPTQModifier]
-    assert gptq_types("--block-mode", "Glm4MoeMoE=weighted:1") == [
-        SharedHessianGPTQModifier
-    ]
-
-
 @pytest.fixture(params=["unknown_activation", "not_gated_mlps"])
 def uncomputable_experts(request, monkeypatch):
     """Simulates experts the plugin cannot compute from their weights: an

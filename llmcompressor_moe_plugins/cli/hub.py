@@ -93,18 +93,26 @@ class ModelSource:
     :param local_files_only: load from the hub cache only (offline, or the hub
         could not be reached but the model is cached)
     :param on_hub: ``reference`` is a hub ID, not a local directory
+    :param trust_remote_code: run the model's own code (``--trust-remote-code``)
     """
 
     reference: str
     revision: str | None = None
     local_files_only: bool = False
     on_hub: bool = False
+    trust_remote_code: bool = False
 
     def pretrained_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for the ``from_pretrained`` of the Auto classes."""
-        if not self.on_hub:
-            return {}
-        return {"revision": self.revision, "local_files_only": self.local_files_only}
+        """Keyword arguments for the ``from_pretrained`` of the Auto classes
+        (config, model and tokenizer alike)."""
+        kwargs: dict[str, Any] = {}
+        if self.trust_remote_code:
+            kwargs["trust_remote_code"] = True
+        if self.on_hub:
+            kwargs.update(
+                revision=self.revision, local_files_only=self.local_files_only
+            )
+        return kwargs
 
     def local_directory(self) -> Path:
         """Where the model's files are on this machine (for a hub model, its

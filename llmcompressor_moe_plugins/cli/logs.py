@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -27,15 +28,55 @@ from typing import Any
 
 from loguru import logger
 
-# llmcompressor configures loguru when this module is imported: import it first.
-# (``llmcompressor.logger`` the attribute is loguru's logger, not the module.)
-_upstream = importlib.import_module("llmcompressor.logger")
+
+def _import_llmcompressor_quietly():
+    """``llmcompressor.logger`` (the module; the package's attribute of that name
+    is loguru's logger). Importing llmcompressor configures loguru and logs a
+    device warning ("No accelerator available!") before any CLI code could filter
+    it; its own switch keeps that import silent, then its set-up is put back as
+    it would have been (``_mark_import_time_warnings`` counts that warning as
+    shown, so a run does not print it either)."""
+    if "llmcompressor" in sys.modules:
+        return importlib.import_module("llmcompressor.logger")
+    switch = "LLM_COMPRESSOR_LOG_DISABLED"
+    before = os.environ.get(switch)
+    os.environ[switch] = "true"
+    try:
+        upstream = importlib.import_module("llmcompressor.logger")
+    finally:
+        if before is None:
+            del os.environ[switch]
+        else:
+            os.environ[switch] = before
+    # configure_logger wrote the switch into the default config and returned
+    # before defining its METRIC level: undo that, and set up as it would have
+    upstream.LOGGER_CONFIG.disabled = before is not None and before.lower() == "true"
+    upstream.configure_logger(upstream.LOGGER_CONFIG)
+    return upstream
+
+
+_upstream = _import_llmcompressor_quietly()
 
 __all__ = ["cli_logging", "ConsoleFilter", "set_process"]
 
 OUR_PACKAGE = __name__.rpartition(".")[0]
 _PYTHON_LOGGERS = ("transformers", "datasets", "huggingface_hub", "torch", "accelerate")
 _INFO, _WARNING = 20, 30
+
+
+# Upstream warnings that do not apply to a CLI run, hidden unless -v (counted in
+# the closing line): the plugin linearizes and calibrates MoE experts itself;
+# GLM keeps its MTP layers as model.layers.N, which the plugin copies (upstream
+# looks for an ``mtp.`` prefix and warns on every GLM model, with MTP or not);
+# the rest are notices about upstream's own internals.
+NOT_APPLICABLE = (
+    "Could not find MTP weights with prefix",
+    "Detected an MoE model which has not been linearized",
+    "MoE is being linearized after loading",
+    "Disabling tokenizer parallelism",
+    "Attempting to save a model with offloaded modules",
+    "is_fx_tracing will return true",
+)
 
 
 def _is_ours(name: str | None) -> bool:
@@ -52,7 +93,11 @@ class ConsoleFilter:
         self.rank: int | None = None  # under torchrun: this process's rank
 
     def first_time(self, kind: str, text: str) -> bool:
-        """False (and counted) for a warning text already shown this run."""
+        """False (and counted) for a warning text already shown this run, or
+        one that does not apply (:data:`NOT_APPLICABLE`)."""
+        if any(part in text for part in NOT_APPLICABLE):
+            self.repeats += 1
+            return False
         key = (kind, text)
         if key in self.seen:
             self.repeats += 1
@@ -127,6 +172,18 @@ def _mark_import_time_warnings(console: ConsoleFilter) -> None:
 _active: ConsoleFilter | None = None
 
 
+def _transformers_bars(enabled: bool) -> bool:
+    """Turn transformers' progress bars on or off; returns whether they were on."""
+    from transformers.utils import logging as transformers_logging
+
+    before = transformers_logging.is_progress_bar_enabled()
+    if enabled:
+        transformers_logging.enable_progress_bar()
+    else:
+        transformers_logging.disable_progress_bar()
+    return before
+
+
 def set_process(rank: int, world_size: int) -> None:
     """The running CLI is process ``rank`` of ``world_size`` (torchrun)."""
     if _active is not None and world_size > 1:
@@ -162,6 +219,10 @@ def cli_logging(verbose: bool = False) -> Iterator[ConsoleFilter]:
     for handler in handlers:
         handler.addFilter(log_filter)
 
+    # transformers' own bars (writing shards, loading weights) time work that
+    # takes seconds; llmcompressor's (calibrating, propagating) stay
+    bars = _transformers_bars(enabled=verbose)
+
     original_showwarning = warnings.showwarning
 
     def show_once(message, category, filename, lineno, file=None, line=None):
@@ -176,12 +237,13 @@ def cli_logging(verbose: bool = False) -> Iterator[ConsoleFilter]:
             yield console
         if console.repeats:
             logger.info(
-                f"{console.repeats} repeated warning(s) not shown again; "
-                "-v shows every line"
+                f"{console.repeats} repeated or not applicable warning(s) not "
+                "shown; -v shows every line"
             )
     finally:
         for handler in handlers:
             handler.removeFilter(log_filter)
+        _transformers_bars(enabled=bars)
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
         with contextlib.suppress(ValueError):  # gone if upstream reset loguru

@@ -138,7 +138,10 @@ class CoverageReport:
             "schema_version": SCHEMA_VERSION,
             "min_tokens": self.min_tokens,
             "rtn_fallback": list(self.rtn_fallback),
-            "passes": [asdict(calibration) for calibration in self.passes],
+            "passes": [
+                {**asdict(calibration), "applied": applied_modes(calibration)}
+                for calibration in self.passes
+            ],
         }
 
     @classmethod
@@ -217,7 +220,7 @@ class CoverageReport:
             lines.append(f"... {len(rows) - limit} more experts (see coverage.json)")
         lines.append(_summary(calibration))
         settings = [
-            f"mode {', '.join(sorted({b.mode for b in blocks}))}",
+            f"mode {applied_modes(calibration)}",
             f"floor {span(b.floor for b in blocks)}",
             f"min_tokens {self.min_tokens}",
         ]
@@ -302,6 +305,23 @@ def _block_from_v1(block: dict[str, Any]) -> BlockCoverage:
         routed=list(block["routed"]),
         calibrated=list(block["calibrated"]),
     )
+
+
+def applied_modes(calibration: CalibrationPass) -> str:
+    """The pass's modes as applied: routing weights reach only the Hessians that
+    SharedHessianGPTQModifier accumulates, so under any other modifier a
+    weighted mode calibrated its token choice unweighted, and says so."""
+    modes = ", ".join(sorted({b.mode for b in calibration.blocks}))
+    weighted = any(b.mode.startswith("weighted") for b in calibration.blocks)
+    names = calibration.label.replace(",", " ").split()
+    if not weighted or "SharedHessianGPTQModifier" in names:
+        return modes
+    fix = (
+        ": use SharedHessianGPTQModifier for the weights"
+        if "GPTQModifier" in names
+        else ""
+    )
+    return f"{modes} (unweighted under {calibration.label}{fix})"
 
 
 def _summary(calibration: CalibrationPass) -> str:

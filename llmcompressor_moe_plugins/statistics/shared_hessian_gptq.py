@@ -341,7 +341,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
                     None,
                     quant_args,
                 )
-            logger.info(
+            logger.debug(  # one per expert chunk per layer: -v only
                 f"Quantized {len(chunk)} module(s) against one shared Hessian "
                 f"(GPTQ loss {losses[0].item():.4g}): {names[0]} ... {names[-1]}"
             )

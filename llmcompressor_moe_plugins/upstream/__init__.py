@@ -34,6 +34,7 @@ from .run import (
     end_run_outside_oneshot,
     remove_listener,
     run_active,
+    save_into,
 )
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "remove_listener",
     "current_modifier_names",
     "after_save",
+    "save_into",
     "begin_run",
     "end_run",
     "end_run_outside_oneshot",

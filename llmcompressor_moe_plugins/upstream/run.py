@@ -94,6 +94,17 @@ def current_modifier_names() -> list[str]:
     return [type(modifier).__name__ for modifier in modifiers]
 
 
+_save_into: Callable[[str], Any] | None = None
+
+
+def save_into(context: Callable[[str], Any]) -> None:
+    """Have the running oneshot save into ``context(output_dir)`` (a context
+    manager yielding the directory to write) and run the :func:`after_save`
+    callbacks there."""
+    global _save_into
+    _save_into = context
+
+
 def after_save(callback: Callable[[str], None]) -> None:
     """Call ``callback(output_dir)`` once the running oneshot has saved its
     checkpoint (dropped if it saves nothing or fails)."""
@@ -190,6 +201,7 @@ def end_run() -> None:
     global _run
     run, _run = _run, None
     _after_save.clear()
+    save_into(None)
     if run is not None:
         run.restore()
 
@@ -278,17 +290,15 @@ def _patch_post_process(run: _Run) -> None:
 
     @functools.wraps(original)
     def post_process(*args: Any, **kwargs: Any):
-        from ..checkpoint.output_dir import staged_output_dir
-
         try:
             bound = signature.bind(*args, **kwargs)
             output_dir = bound.arguments.get("output_dir")
-            if not output_dir or not _after_save:
+            if not output_dir or not _after_save or _save_into is None:
                 return original(*args, **kwargs)
-            # written beside output_dir and moved in only once the callbacks
-            # (coverage files, the checkpoint's check) passed: a failed check
-            # leaves output_dir as it was
-            with staged_output_dir(output_dir) as staging:
+            # written where the registered context says (a staging directory
+            # moved in only once the callbacks, the checkpoint's check among
+            # them, passed)
+            with _save_into(output_dir) as staging:
                 bound.arguments["output_dir"] = str(staging)
                 result = original(*bound.args, **bound.kwargs)
                 _after_checkpoint_saved(str(staging))
