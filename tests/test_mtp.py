@@ -231,3 +231,47 @@ def test_mtp_layer_indices_reads_either_name():
     ) == [46]
     assert mtp_layer_indices({"num_hidden_layers": 92, "num_mtp_layers": 2}) == [92, 93]
     assert mtp_layer_indices({"num_hidden_layers": 4}) == []
+
+
+@pytest.fixture(scope="module")
+def deepseek_twin(tmp_path_factory, tokenizer):
+    return build_tiny_like("DeepSeek-V3", tmp_path_factory.mktemp("dsv3"), tokenizer)
+
+
+def test_deepseek_v3_mtp_layer_is_carried_too(deepseek_twin, tmp_path):
+    """DeepSeek-V3 stores its MTP layer as GLM does (model.layers.61 in the real
+    checkpoint; 5 in the twin: 3 dense + 2 MoE layers), latent attention included."""
+    mtp = 5
+    model = AutoModelForCausalLM.from_pretrained(deepseek_twin)
+    model.save_pretrained(tmp_path)  # what transformers keeps: no MTP layer
+    assert not tensors(tmp_path, f"model.layers.{mtp}.")
+    copied = copy_mtp_tensors(deepseek_twin, tmp_path)
+
+    source = tensors(deepseek_twin, f"model.layers.{mtp}.")
+    assert copied == sorted(source) and len(copied) > 60
+    output = tensors(tmp_path)
+    for name, (_, tensor) in source.items():
+        shard, saved = output[name]
+        assert shard == MTP_SHARD_NAME
+        assert torch.equal(bits(saved), bits(tensor)), name
+    assert index_map(tmp_path)["weight_map"] == {
+        name: shard for name, (shard, _) in output.items()
+    }
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1
+    assert mtp_layer_indices(config) == [mtp]
+    linears = mtp_linear_names(copied)
+    prefix = f"model.layers.{mtp}"
+    for module in ("self_attn.q_a_proj", "self_attn.q_b_proj",
+                   "self_attn.kv_a_proj_with_mqa", "self_attn.kv_b_proj",
+                   "mlp.experts.15.up_proj", "mlp.shared_experts.down_proj",
+                   "eh_proj", "shared_head.head"):  # fmt: skip
+        assert f"{prefix}.{module}" in linears, module
+    # latent-attention norms are norms, not Linears to ignore
+    assert f"{prefix}.self_attn.kv_a_layernorm" not in linears
+    assert f"{prefix}.self_attn.q_a_layernorm" not in linears
+
+    # transformers still loads the output cleanly: it reads model.safetensors,
+    # which the MTP shard sits beside
+    _, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info

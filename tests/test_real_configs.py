@@ -52,8 +52,8 @@ ARCHITECTURE_FIELDS = {
 }  # fmt: skip
 
 
-def test_all_four_are_shipped():
-    assert names() == ALL
+def test_all_four_glms_are_shipped():
+    assert names("glm4_moe") == ALL
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -213,3 +213,157 @@ def test_built_twin_has_uneven_router_bias_and_loads(air_twin):
         assert bias.max() - bias.min() == pytest.approx(0.2)
     assert not torch.equal(biases[0], biases[1])
     assert model.get_submodule("model.layers.0.mlp.down_proj").in_features == 192
+
+
+# --- beyond GLM: Qwen3-MoE, DeepSeek-V3, Mixtral --------------------------------
+
+OTHERS = {
+    # name: (model_type, config class, layers, dense layers, experts key, experts,
+    #        top-k, hidden, expert width)
+    "Qwen3-30B-A3B":
+        ("qwen3_moe", "Qwen3MoeConfig", 48, 0, "num_experts", 128, 8, 2048, 768),
+    "Qwen3-235B-A22B":
+        ("qwen3_moe", "Qwen3MoeConfig", 94, 0, "num_experts", 128, 8, 4096, 1536),
+    "DeepSeek-V3":
+        ("deepseek_v3", "DeepseekV3Config", 61, 3, "n_routed_experts", 256, 8, 7168,
+         2048),
+    "Mixtral-8x7B-v0.1":
+        ("mixtral", "MixtralConfig", 32, 0, "num_local_experts", 8, 2, 4096, 14336),
+}  # fmt: skip
+MLA = ("q_lora_rank", "kv_lora_rank")
+MLA_HEAD_DIMS = ("qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+
+
+def test_every_family_is_shipped():
+    assert names() == sorted([*ALL, *OTHERS])
+    assert names("qwen3_moe") == ["Qwen3-235B-A22B", "Qwen3-30B-A3B"]
+    assert names("deepseek_v3") == ["DeepSeek-V3"] and names("gpt_oss") == []
+
+
+@pytest.mark.parametrize("name", sorted(OTHERS))
+def test_other_real_configs_load_with_their_values(name):
+    import transformers
+
+    model_type, cls, layers, dense, key, experts, top_k, hidden, width = OTHERS[name]
+    config = real_config(name)
+    assert type(config) is getattr(transformers, cls)
+    assert config.model_type == model_type
+    assert config.num_hidden_layers == layers
+    assert getattr(config, "first_k_dense_replace", 0) == dense
+    assert real_config_dict(name)[key] == experts
+    assert config.num_experts_per_tok == top_k
+    assert config.hidden_size == hidden
+    expert_width = (
+        "intermediate_size" if model_type == "mixtral" else "moe_intermediate_size"
+    )
+    assert getattr(config, expert_width) == width
+    every_width = [v for f, v in real_config_dict(name).items() if f in (*WIDTHS, *MLA)]
+    assert all(w % 128 == 0 for w in every_width), every_width
+    source = real_config_source(name)
+    assert source["url"].startswith("https://huggingface.co/") and source[
+        "url"
+    ].endswith(f"/{name}/blob/main/config.json")
+    assert source["retrieved"] and source["how"] and source["cross_checked"]
+
+
+def test_deepseek_v3_layout_and_r1_alias():
+    config = real_config("deepseek-ai/DeepSeek-V3")
+    assert (config.n_group, config.topk_group, config.routed_scaling_factor) == (
+        8,
+        4,
+        2.5,
+    )
+    assert (config.q_lora_rank, config.kv_lora_rank) == (1536, 512)
+    assert (config.qk_rope_head_dim, config.qk_nope_head_dim, config.v_head_dim) == (
+        64,
+        128,
+        128,
+    )
+    assert config.num_nextn_predict_layers == 1 and config.n_shared_experts == 1
+    assert real_config("deepseek-ai/DeepSeek-R1").to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("name", sorted(OTHERS))
+def test_other_twins_keep_the_properties_that_matter(name):
+    real, tiny, raw = real_config(name), tiny_config_like(name), real_config_dict(name)
+    model_type, _, _, dense, key, experts, _, _, _ = OTHERS[name]
+    assert tiny.model_type == model_type
+    for field in (*WIDTHS, *MLA):
+        if field not in raw:
+            continue
+        big, small = getattr(real, field), getattr(tiny, field)
+        assert small <= 192, field
+        for block in (16, 32, 64, 128):
+            assert small % block == big % block, (field, block)
+    assert tiny.num_hidden_layers == dense + 2
+    assert getattr(tiny, "first_k_dense_replace", 0) == dense
+    tiny_experts = tiny.to_dict().get(key, getattr(tiny, "num_local_experts", None))
+    assert 8 <= tiny_experts <= experts
+    assert tiny.num_experts_per_tok == 2
+    assert tiny.head_dim == (64 if model_type == "deepseek_v3" else 128)
+    for field in ("norm_topk_prob", "routed_scaling_factor", "n_shared_experts",
+                  "num_nextn_predict_layers", "decoder_sparse_step", "mlp_only_layers",
+                  "rms_norm_eps", "tie_word_embeddings", *MLA_HEAD_DIMS):  # fmt: skip
+        if field in raw:
+            assert getattr(tiny, field) == getattr(real, field), field
+    if model_type == "deepseek_v3":
+        # grouped routing kept exactly: 8 groups of 2 experts, the best 4 groups
+        assert (tiny.n_routed_experts, tiny.n_group, tiny.topk_group) == (16, 8, 4)
+        assert tiny.num_key_value_heads == tiny.num_attention_heads  # MLA
+    else:
+        assert tiny.num_attention_heads > tiny.num_key_value_heads
+        assert tiny.num_attention_heads * tiny.head_dim != tiny.hidden_size
+
+
+def test_twins_refuse_a_family_without_one():
+    from llmcompressor_moe_plugins.real_configs.twins import _family
+
+    with pytest.raises(
+        KeyError, match="gpt_oss.*deepseek_v3, glm4_moe, mixtral, qwen3_moe"
+    ):
+        _family("gpt_oss")
+
+
+@pytest.fixture(scope="module")
+def deepseek_twin(tmp_path_factory, tokenizer):
+    return build_tiny_like("DeepSeek-V3", tmp_path_factory.mktemp("dsv3"), tokenizer)
+
+
+def test_deepseek_twin_stores_its_mtp_layer_and_loads(deepseek_twin):
+    config = json.loads((deepseek_twin / "config.json").read_text())
+    mtp = config["num_hidden_layers"]  # 5: layers 0-2 dense, 3-4 MoE
+    assert mtp == 5 and config["num_nextn_predict_layers"] == 1
+    index = json.loads((deepseek_twin / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == shard_contents(deepseek_twin)
+    prefix = f"model.layers.{mtp}"
+    mtp_names = {k for k in index["weight_map"] if k.startswith(f"{prefix}.")}
+    for tail in ("enorm.weight", "hnorm.weight", "eh_proj.weight",
+                 "shared_head.head.weight", "embed_tokens.weight",
+                 "self_attn.kv_a_proj_with_mqa.weight", "self_attn.kv_b_proj.weight",
+                 "self_attn.q_a_layernorm.weight", "mlp.gate.e_score_correction_bias",
+                 "mlp.shared_experts.up_proj.weight",
+                 "mlp.experts.15.down_proj.weight"):  # fmt: skip
+        assert f"{prefix}.{tail}" in mtp_names, tail
+    model, info = AutoModelForCausalLM.from_pretrained(
+        deepseek_twin, output_loading_info=True
+    )
+    assert info["missing_keys"] == set() or not info["missing_keys"]
+    # transformers drops the MTP layer (it ignores model.layers.61.* by name only)
+    assert all(k.startswith(f"{prefix}.") for k in info["unexpected_keys"])
+    biases = [m.e_score_correction_bias for m in model.modules()
+              if hasattr(m, "e_score_correction_bias")]  # fmt: skip
+    assert len(biases) == 2 and all(len(set(b.tolist())) == 16 for b in biases)
+    assert model.get_submodule("model.layers.0.mlp.down_proj").in_features == 128
+    assert model.get_submodule("model.layers.3.self_attn.kv_b_proj").in_features == 128
+
+
+@pytest.mark.parametrize("name", ["Qwen3-30B-A3B", "Mixtral-8x7B-v0.1"])
+def test_twins_without_mtp_save_one_shard_and_reload_exactly(name, tmp_path, tokenizer):
+    directory = build_tiny_like(name, tmp_path, tokenizer)
+    assert [p.name for p in directory.glob("*.safetensors")] == ["model.safetensors"]
+    model, info = AutoModelForCausalLM.from_pretrained(
+        directory, output_loading_info=True
+    )
+    assert not any(info.values()), info
+    router = model.get_submodule("model.layers.0.mlp.gate").weight
+    assert router.shape == (8, 128) and router.abs().sum() > 0

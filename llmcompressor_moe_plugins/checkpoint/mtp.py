@@ -1,22 +1,27 @@
-"""Carry a GLM checkpoint's MTP (multi-token prediction) layers into the output.
+"""Carry a checkpoint's MTP (multi-token prediction) layers into the output.
 
-GLM-4.5/4.5-Air/4.6/4.7 store ``num_nextn_predict_layers`` (1) MTP layers after the
-decoder layers, as ``model.layers.{num_hidden_layers + i}.*``: a full MoE decoder
-layer (``self_attn.*``, ``mlp.gate.*``, ``mlp.experts.E.{gate,up,down}_proj``,
-``mlp.shared_experts.*``, norms) plus ``enorm``, ``hnorm``, ``eh_proj``,
-``shared_head.norm`` and, in the released checkpoints, ``shared_head.head`` and
-``embed_tokens``. transformers never builds these layers (``Glm4MoeForCausalLM``
-drops ``model.layers.46.*`` / ``model.layers.92.*`` on load), so a checkpoint saved
-after ``oneshot`` lacks them and vLLM cannot use MTP speculative decoding with it.
-llmcompressor's own ``save_mtp_tensors_to_checkpoint`` looks for an ``mtp.`` prefix
-(Qwen3.5 style) and finds nothing in GLM checkpoints.
+GLM-4.5/4.5-Air/4.6/4.7 and DeepSeek-V3/R1 store ``num_nextn_predict_layers`` (1)
+MTP layers after the decoder layers, as ``model.layers.{num_hidden_layers + i}.*``
+(GLM-4.5-Air: 46, GLM-4.5: 92, DeepSeek-V3: 61): a full MoE decoder layer
+(``self_attn.*``, DeepSeek's latent-attention projections included,
+``mlp.gate.*``, ``mlp.experts.E.{gate,up,down}_proj``, ``mlp.shared_experts.*``,
+norms) plus ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm`` and, in the
+released checkpoints, ``shared_head.head`` and ``embed_tokens``. transformers never
+builds these layers (``Glm4MoeForCausalLM`` drops ``model.layers.46.*`` /
+``model.layers.92.*`` on load, ``DeepseekV3ForCausalLM`` ``model.layers.61.*``), so
+a checkpoint saved after ``oneshot`` lacks them and vLLM cannot use MTP speculative
+decoding with it. llmcompressor's own ``save_mtp_tensors_to_checkpoint`` looks for
+an ``mtp.`` prefix (Qwen3.5 style) and finds nothing in these checkpoints.
 
 :func:`copy_mtp_tensors` copies them, unchanged (bit for bit, unquantized), from the
-source checkpoint into the saved output, in the form vLLM's GLM MTP loader reads
-(``vllm/model_executor/models/glm4_moe_mtp.py``: ``Glm4MoeMTP.load_weights`` takes
-every tensor whose name contains ``layers.{num_hidden_layers + i}.`` for
-``i < num_nextn_predict_layers``; ``embed_tokens`` and ``shared_head`` are renamed
-onto the MTP module, the rest goes to its ``mtp_block`` decoder layer):
+source checkpoint into the saved output, in the form vLLM's MTP loaders read
+(``vllm/model_executor/models/glm4_moe_mtp.py``: ``Glm4MoeMTP.load_weights``, and
+``deepseek_mtp.py``: ``DeepSeekMTP.load_weights``, both through
+``get_spec_layer_idx_from_weight_name`` in ``models/utils.py``: every tensor whose
+name starts with ``model.layers.{num_hidden_layers + i}.`` for
+``i < num_nextn_predict_layers``; ``embed_tokens`` is renamed onto the MTP module,
+``enorm``/``hnorm``/``eh_proj``/``shared_head`` stay on the layer, the rest goes to
+its ``mtp_block`` decoder layer, built under the prefix ``model.layers.{index}``):
 
 - new shard(s) ``model_mtp.safetensors`` (``model_mtp-0000K-of-0000N`` when over
   ``max_shard_bytes``) in the output directory;
@@ -35,7 +40,7 @@ onto the MTP module, the rest goes to its ``mtp_block`` decoder layer):
 Python, after ``oneshot(..., output_dir=out)`` (or ``model.save_pretrained(out)``)::
 
     from llmcompressor_moe_plugins.checkpoint.mtp import copy_mtp_tensors
-    copy_mtp_tensors("path/to/GLM-4.5-Air", out)
+    copy_mtp_tensors("path/to/GLM-4.5-Air", out)  # or DeepSeek-V3 / R1 (BF16)
 """
 
 from __future__ import annotations
