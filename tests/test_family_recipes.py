@@ -56,11 +56,6 @@ CASES = [
     for kind in ("twin", "plain")
 ]
 IDS = [f"{recipe}-{kind}" for _, recipe, kind in CASES]
-MIXTRAL_LAYOUT = (
-    "Mixtral reload needs the lead's save-layout fix (issue 21 item 1: experts saved "
-    "as block_sparse_moe.experts.N.w1/w2/w3, the names transformers converts); "
-    "remove this skip when it lands"
-)
 NVFP4_RELOAD = (
     "transformers 5.17 cannot reload NVFP4 experts: "
     "CompressedTensorsHfQuantizer.update_weight_conversions maps only "
@@ -203,8 +198,6 @@ def test_w4a16_output_reloads_with_no_missing_or_unexpected_keys(
     family, recipe, kind, runs
 ):
     _, output, quantized, expected, x = runs(family, recipe, kind)
-    if family == "mixtral":
-        pytest.skip(MIXTRAL_LAYOUT)
     reloaded, info = AutoModelForCausalLM.from_pretrained(
         output, output_loading_info=True
     )

@@ -136,15 +136,31 @@ def _refuse(family: str, what: str) -> UnsavableLayoutError:
     )
 
 
-def plan_save_layout(model: torch.nn.Module) -> ExpertSaveLayout | None:
+def _has_bias(container: torch.nn.Module) -> bool:
+    linear_biases = (
+        m.bias for m in container.modules() if isinstance(m, torch.nn.Linear)
+    )
+    fused_biases = (
+        getattr(container, name, None)
+        for name in ("gate_up_proj_bias", "down_proj_bias")
+    )
+    return any(b is not None for b in (*linear_biases, *fused_biases))
+
+
+def plan_save_layout(
+    model: torch.nn.Module, containers: list[str] | None = None
+) -> ExpertSaveLayout | None:
     """The save layout of ``model``'s linearized experts (None: it has none).
+
+    ``containers``: the experts modules to plan for, when the model is not (yet)
+    linearized, e.g. the CLI's check of a model built on the meta device.
 
     Raises :class:`UnsavableLayoutError` (one line naming the family and why) when
     the family's checkpoints store the experts in a form no per-expert checkpoint
     reloads as: fused, transposed, interleaved, or with expert biases."""
     from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-    containers = linearized_experts(model)
+    containers = linearized_experts(model) if containers is None else containers
     if not containers:
         return None
     family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
@@ -175,11 +191,7 @@ def plan_save_layout(model: torch.nn.Module) -> ExpertSaveLayout | None:
                 raise _refuse(family, f"{fused_key} has no per-expert source tensors")
             for match, leaf in zip(parsed, leaves, strict=True):
                 per_expert[(match["prefix"], match["leaf"])] = leaf
-        if any(
-            getattr(linear, "bias", None) is not None
-            for linear in modules[container].modules()
-            if isinstance(linear, torch.nn.Linear)
-        ):
+        if _has_bias(modules[container]):
             raise _refuse(family, f"{container} has expert biases")
     renamed = {
         leaf: original for (_, original), leaf in per_expert.items() if leaf != original

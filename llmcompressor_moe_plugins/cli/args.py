@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(quantize)
     quantize.add_argument(
         "--recipe",
-        help=f"shipped recipe name or YAML path (default: {DEFAULT_RECIPE})",
+        help="shipped recipe name or YAML path (default: the model family's GPTQ "
+        f"W4A16 recipe, else {DEFAULT_RECIPE})",
     )
     quantize.add_argument(
         "--output",

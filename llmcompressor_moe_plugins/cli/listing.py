@@ -32,8 +32,16 @@ def _table(
 
 
 def list_recipes_command() -> int:
-    rows = [(name, recipes.describe(name)) for name in recipes.names()]
-    print("\n".join(_table(("recipe", "what it is for"), rows, (24, 0))))
+    """The shipped recipes by family (``model_type``), each family's default
+    (used when ``--recipe`` is not given) first and marked."""
+    rows = []
+    for model_type, names in recipes.families().items():
+        default = recipes.default_for(model_type)
+        for name in sorted(names, key=lambda n: n != default):
+            mark = " (default)" if name == default else ""
+            rows.append((model_type, name + mark, recipes.describe(name)))
+    header = ("family", "recipe", "what it is for")
+    print("\n".join(_table(header, rows, (14, 32, 0))))
     return 0
 
 

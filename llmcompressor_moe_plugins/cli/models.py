@@ -163,7 +163,25 @@ def model_source(
     model = meta_model(config, args.model, args.trust_remote_code)
     blocks = moe_block_classes(model)
     check_moe_blocks(blocks, args, args.model)
+    check_save_layout(model, args.model)
     return source, blocks
+
+
+def check_save_layout(model, label: str) -> None:
+    """Refuse a family whose checkpoints cannot hold per-expert tensors now, from
+    the meta model, rather than after its weights are loaded."""
+    from ..calibration.context import plan_calibration
+    from ..checkpoint.layout import UnsavableLayoutError, plan_save_layout
+
+    containers = [
+        f"{plan.name}.experts"
+        for plan in plan_calibration(model)
+        if hasattr(model.get_submodule(plan.name), "experts")
+    ]
+    try:
+        plan_save_layout(model, containers)
+    except UnsavableLayoutError as err:
+        raise CliError(f"--model {label}: {err}") from None
 
 
 def load_tokenizer(source: ModelSource):

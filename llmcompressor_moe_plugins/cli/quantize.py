@@ -22,7 +22,7 @@ from . import datasets, models, saving
 from .args import CliError
 from .hub import ModelSource
 from .logs import set_process
-from .recipe import choose_recipe, load_recipe_modifiers
+from .recipe import choose_recipe, load_recipe_modifiers, recipe_choice_line
 
 __all__ = ["quantize_command", "calibrate"]
 
@@ -215,6 +215,9 @@ def calibrate(
 
     num_samples = args.num_samples if num_samples is None else num_samples
     share = "" if num_samples == args.num_samples else f" ({num_samples} here)"
+    choice = recipe_choice_line(args)
+    if choice:
+        logger.info(choice)
     logger.info(
         f"Calibrating with {choose_recipe(args)} on {args.num_samples} samples"
         f"{share} x {args.seq_len} tokens"

@@ -11,7 +11,12 @@ from typing import Any
 from .. import recipes
 from .args import DEFAULT_RECIPE, CliError, one_line
 
-__all__ = ["choose_recipe", "check_recipe", "load_recipe_modifiers"]
+__all__ = [
+    "choose_recipe",
+    "recipe_choice_line",
+    "check_recipe",
+    "load_recipe_modifiers",
+]
 
 _OUR_FIELDS = (
     "calibrate_all_experts",
@@ -27,9 +32,60 @@ _OUR_FIELDS = (
 
 
 def choose_recipe(args: argparse.Namespace) -> str:
-    """The recipe name or path a run uses: ``--recipe``, else the default.
+    """The recipe name or path a run uses: ``--recipe``; else the shipped recipe
+    of the model's family (its GPTQ W4A16), read from ``config.json`` without
+    importing anything heavy; else (no recipe for the family, or a hub model not
+    cached yet) the GLM recipe, which targets ``Linear`` and fits other families.
     (The one place that decides it.)"""
-    return args.recipe or DEFAULT_RECIPE
+    if args.recipe:
+        return args.recipe
+    model_type = _model_type(args)
+    return (model_type and recipes.default_for(model_type)) or DEFAULT_RECIPE
+
+
+def recipe_choice_line(args: argparse.Namespace) -> str | None:
+    """What to tell the user about a recipe they did not name (None if named)."""
+    if args.recipe:
+        return None
+    model_type = _model_type(args) or "the built-in model"
+    chosen = choose_recipe(args)
+    whose = (
+        f"the shipped recipe for {model_type}"
+        if recipes.default_for(str(model_type)) == chosen or args.model is None
+        else f"no recipe is shipped for {model_type}; the GLM recipe targets Linear"
+    )
+    return f"No --recipe: using {chosen} ({whose}; --recipe picks another)"
+
+
+def _model_type(args: argparse.Namespace) -> str | None:
+    """``model_type`` of ``--model`` (of its text model for a VLM) from its local
+    or cached ``config.json``; the built-in model is GLM4-MoE."""
+    import json
+
+    if args.model is None:
+        return "glm4_moe"
+    config_path = Path(args.model).expanduser() / "config.json"
+    if not config_path.is_file():
+        config_path = _cached_hub_config(args)
+    if config_path is None:
+        return None
+    try:
+        config = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    text = config.get("text_config") or {}
+    return text.get("model_type") or config.get("model_type")
+
+
+def _cached_hub_config(args: argparse.Namespace) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(
+        args.model, "config.json", revision=getattr(args, "revision", None)
+    )
+    return Path(found) if isinstance(found, str) else None
 
 
 def _bare_modifier_entries(node: Any, parent: str = "") -> Iterator[str]:
@@ -116,7 +172,8 @@ def load_recipe_modifiers(path: str, args: argparse.Namespace) -> list:
     from llmcompressor.modifiers.quantization import QuantizationMixin
     from llmcompressor.recipe import Recipe
 
-    from ..modifier import MoECalibrationModifier, _require_weighting_gptq
+    from ..modifier import MoECalibrationModifier
+    from ..statistics.recipe_checks import require_weighting_gptq
 
     try:
         modifiers = list(Recipe.create_instance(path).modifiers)
@@ -147,7 +204,7 @@ def load_recipe_modifiers(path: str, args: argparse.Namespace) -> list:
     ours = modifiers[0]
     try:
         # the check the modifier makes at calibration start, made before loading
-        _require_weighting_gptq([ours.mode, *ours.block_modes.values()], modifiers)
+        require_weighting_gptq([ours.mode, *ours.block_modes.values()], modifiers)
     except ValueError as err:
         raise CliError(f"recipe {path}: {one_line(str(err))}") from None
     return modifiers

@@ -62,11 +62,15 @@ def get(name: str) -> str:
 
 
 def describe(name: str) -> str:
-    """First comment line of a recipe: what it is for."""
+    """The first sentence of a recipe's leading comment: what it is for."""
+    words = []
     for line in get(name).splitlines():
-        if line.startswith("#"):
-            return line.lstrip("# ").strip()
-    return ""
+        if not line.startswith("#"):
+            break
+        words.append(line.lstrip("# ").strip())
+    text = " ".join(words)
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
 
 
 def resolve(name_or_path: str) -> str:
