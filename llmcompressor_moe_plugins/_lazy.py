@@ -44,8 +44,11 @@ def _factory_imported(factory_module: ModuleType) -> None:
         return
 
     def create(type_: str, *args, **kwargs):
-        if type_ in OUR_MODIFIERS and type_ not in factory._registered_registry:
-            importlib.import_module(OUR_MODIFIERS[type_])  # registers itself
+        if type_ in OUR_MODIFIERS:
+            from .upstream.factory import is_registered  # llmcompressor is loaded
+
+            if not is_registered(factory, type_):
+                importlib.import_module(OUR_MODIFIERS[type_])  # registers itself
         return original(type_, *args, **kwargs)
 
     create._moe_plugins_lazy = True  # type: ignore[attr-defined]

@@ -302,7 +302,7 @@ def run_without_calibration(monkeypatch, save=None):
         monkeypatch.setattr(cli_saving, "save_checkpoint", save)
 
 
-def save_plain(model, tokenizer, report, directory, source=None):
+def save_plain(model, tokenizer, report, directory, source=None, **_):
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
@@ -326,7 +326,7 @@ def no_temp_dirs_beside(path: Path) -> bool:
 def test_interrupt_during_save_keeps_the_old_checkpoint(
     textbook_dir, text_file, tmp_path, monkeypatch, capsys
 ):
-    def interrupted(model, tokenizer, report, directory, source=None):
+    def interrupted(model, tokenizer, report, directory, source=None, **_):
         model.config.save_pretrained(directory)  # a first file, then Ctrl-C
         assert (directory / "config.json").is_file()
         assert directory.parent == tmp_path and ".tmp-" in directory.name
@@ -353,7 +353,7 @@ def test_interrupt_during_save_keeps_the_old_checkpoint(
 def test_failed_save_keeps_the_old_checkpoint(
     textbook_dir, text_file, tmp_path, monkeypatch
 ):
-    def disk_full(model, tokenizer, report, directory, source=None):
+    def disk_full(model, tokenizer, report, directory, source=None, **_):
         (directory / "model-00001-of-00002.safetensors").write_text("partial")
         raise OSError(28, "No space left on device")
 

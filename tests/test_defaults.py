@@ -30,7 +30,7 @@ def test_the_modifier_resolves_to_the_constants(monkeypatch):
     from llmcompressor_moe_plugins.modifier import MoECalibrationModifier
 
     # inside oneshot, whose moe_calibrate_all_experts defaults to True
-    monkeypatch.setattr(module, "get_calibrate_all_experts_flag", lambda: True)
+    monkeypatch.setattr(module, "calibrate_all_experts_flag", lambda: True)
 
     modifier = MoECalibrationModifier()
     assert modifier.resolved_mode() == defaults.DEFAULT_MODE

@@ -46,7 +46,9 @@ def _imports(path: Path) -> set[str]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            targets = [target]
+            # ``from . import x``: the names are what is imported (submodules or,
+            # resolved upwards below, the package's own attributes)
+            targets = [] if node.module is None else [target]
             if node.module is None or node.level:
                 targets += [f"{target}.{alias.name}" for alias in node.names]
             found.update(targets)

@@ -170,13 +170,17 @@ def model_source(
 def check_save_layout(model, label: str) -> None:
     """Refuse a family whose checkpoints cannot hold per-expert tensors now, from
     the meta model, rather than after its weights are loaded."""
+    from llmcompressor.modeling.moe.linearize import get_non_linearized_moes
+
     from ..calibration.context import plan_calibration
     from ..checkpoint.layout import UnsavableLayoutError, plan_save_layout
 
+    # the experts llmcompressor will linearize and the plugin calibrates
+    linearized = {name for name, _ in get_non_linearized_moes(model)}
     containers = [
         f"{plan.name}.experts"
         for plan in plan_calibration(model)
-        if hasattr(model.get_submodule(plan.name), "experts")
+        if f"{plan.name}.experts" in linearized
     ]
     try:
         plan_save_layout(model, containers)

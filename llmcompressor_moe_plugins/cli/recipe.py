@@ -78,13 +78,20 @@ def _model_type(args: argparse.Namespace) -> str | None:
 
 
 def _cached_hub_config(args: argparse.Namespace) -> Path | None:
+    """A hub model's ``config.json`` if the hub cache has it (a path that does
+    not exist is not a hub ID: the path checks name that error)."""
+    from .hub import looks_like_path
+
+    if looks_like_path(args.model):
+        return None
     try:
         from huggingface_hub import try_to_load_from_cache
-    except ImportError:
+
+        found = try_to_load_from_cache(
+            args.model, "config.json", revision=getattr(args, "revision", None)
+        )
+    except (ImportError, ValueError):  # not a valid repo id either
         return None
-    found = try_to_load_from_cache(
-        args.model, "config.json", revision=getattr(args, "revision", None)
-    )
     return Path(found) if isinstance(found, str) else None
 
 

@@ -174,7 +174,7 @@ def tiny_config_like(name: str, **overrides):
     """
     from transformers import CONFIG_MAPPING
 
-    from . import real_config_dict
+    from .configs import real_config_dict
 
     real = real_config_dict(name)
     family = _family(real["model_type"])
@@ -237,7 +237,7 @@ def build_tiny_like(
     import transformers
 
     from ..tiny import train_tokenizer
-    from . import real_config_dict
+    from .configs import real_config_dict
 
     model_cls = getattr(
         transformers, _family(real_config_dict(name)["model_type"]).model_cls
