@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from llmcompressor_moe_plugins import recipes
 from llmcompressor_moe_plugins.checkpoint.mtp import copy_mtp_tensors, mtp_linear_names
+from llmcompressor_moe_plugins.checkpoint.verify import verify_checkpoint
+from llmcompressor_moe_plugins.checkpoint.vllm_rules import vllm_layout_violations
 from llmcompressor_moe_plugins.real_configs import build_tiny_like
 from llmcompressor_moe_plugins.tiny import stdlib_texts, tokenize_for_calibration
 from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
@@ -145,6 +147,10 @@ def test_recipe_runs_and_saves_its_scheme_for_every_expert(family, recipe, kind,
     source, output, quantized, expected, _ = runs(family, recipe, kind)
     scheme = scheme_of(recipe)
     assert relative_error(quantized, expected) < MAX_RELATIVE_ERROR[scheme]
+    # what the save-time check runs: transformers' reload on the meta device
+    # (NVFP4's global scales set aside), tensors per Linear, vLLM's MoE rules
+    verify_checkpoint(output)
+    assert vllm_layout_violations(output, check_values=True) == []
 
     saved = json.loads((output / "config.json").read_text())
     config = saved["quantization_config"]

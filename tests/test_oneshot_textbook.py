@@ -8,6 +8,7 @@ from llmcompressor.modifiers.gptq import GPTQModifier
 from transformers import AutoModelForCausalLM
 
 import llmcompressor_moe_plugins as plugins
+from llmcompressor_moe_plugins.checkpoint.vllm_rules import vllm_layout_violations
 from llmcompressor_moe_plugins.modifier import DEFAULT_MODE
 from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
@@ -40,6 +41,7 @@ def run(model_dir, recipe, tokenizer, data, output_dir, record=None, **kwargs):
 
 
 def check_round_trip(model_dir, output_dir, data):
+    assert vllm_layout_violations(output_dir, check_values=True) == []
     original = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     reloaded = AutoModelForCausalLM.from_pretrained(output_dir).eval()
     x = torch.tensor(data[0]["input_ids"])[None]
