@@ -84,3 +84,25 @@ def test_a_fused_checkpoint_family_is_refused_before_its_weights_load(
     assert "gpt_oss: its checkpoints store" in errors[0]
     assert "refuses it before calibrating" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_that_fails_its_check_is_not_written(
+    tmp_path, tokenizer, monkeypatch, capsys
+):
+    from llmcompressor_moe_plugins.checkpoint import verify
+
+    from .test_family_checkpoints import expert_width_overrides
+
+    overrides = expert_width_overrides("qwen3_moe", 128)
+    source = save_tiny("qwen3_moe", tmp_path / "model", tokenizer, **overrides)
+    monkeypatch.setattr(
+        verify, "checkpoint_problems", lambda *a, **k: ["missing on load: x.weight"]
+    )
+    output = tmp_path / "out"
+    argv = ["quantize", "--model", str(source), "--output", str(output)]
+    assert main([*argv, "--num-samples", "2", "--seq-len", "16"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "missing on load: x.weight" in errors[0]
+    assert not output.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -19,6 +19,21 @@ converters, the mechanism of llmcompressor's ``set_save_conversion_mapping``).
 :func:`align_config_targets` then extends the saved ``quantization_config``'s
 targets to the written names: vLLM resolves each MoE layer's scheme under the
 checkpoint names (``experts.0.w1``), and compressed-tensors maps only ``ignore``.
+
+The names written are the ones vLLM's loaders read (vLLM 0.34,
+``vllm/model_executor/models/``; read, not run: vLLM does not install here):
+``mixtral.py`` (``ckpt_gate_proj_name="w1"``, ``"w2"``, ``"w3"`` under
+``block_sparse_moe``, l. 131; its mapper also takes ``gate_proj``), ``minimax_m2.py``
+(w1/w2/w3, l. 107; no ``gate_proj`` mapper, so upstream's names are not read),
+``phimoe.py`` (l. 285) and ``lfm2_moe.py`` (l. 157) likewise; ``qwen3_moe.py``
+(l. 203), ``qwen2_moe.py`` (l. 171), ``qwen3_next.py`` (l. 231), ``deepseek_v2.py``
+(l. 374), ``glm4_moe.py`` (l. 183), ``ernie45_moe.py`` (l. 184) and ``jamba.py``
+(l. 83) take ``FusedMoE.make_expert_params_mapping``'s defaults ``gate_proj``/
+``down_proj``/``up_proj`` (``layers/fused_moe/layer.py``, l. 127); OLMoE, FlexOlmo
+and Hunyuan-V1-MoE load through the Transformers backend (``transformers/moe.py``,
+l. 168-206: per-expert ``gate/up/down_proj`` or ``w1/w2/w3``). ``gpt_oss.py``'s
+compressed-tensors path (l. 1147-1257) skips per-expert ``gate_proj`` tensors: one
+more reason gpt-oss is refused.
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ from ..upstream.conversions import (
     set_save_conversions,
     written_patterns,
 )
+from .errors import UnsavableLayoutError
 
 __all__ = [
     "ExpertSaveLayout",
@@ -51,10 +67,6 @@ __all__ = [
 # fused runtime parameter -> the linearized leaves it holds, in concatenation order
 FUSED_LEAVES = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 _PER_EXPERT_SOURCE = re.compile(r"^(?P<prefix>.*)\.\*\.(?P<leaf>\w+)\.weight$")
-
-
-class UnsavableLayoutError(ValueError):
-    """The family's checkpoints cannot hold per-expert quantized experts."""
 
 
 @dataclass(frozen=True)

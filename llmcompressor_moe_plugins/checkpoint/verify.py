@@ -25,6 +25,7 @@ import torch
 from loguru import logger
 
 from ..upstream.conversions import load_report_on_meta
+from .errors import CheckpointMismatchError
 from .files import (
     EXPERT_TENSOR,
     linear_tensors,
@@ -43,10 +44,6 @@ __all__ = [
 ]
 
 SHOWN = 5
-
-
-class CheckpointMismatchError(ValueError):
-    """The written checkpoint would not load as it was meant to."""
 
 
 def _model_class(config: dict):

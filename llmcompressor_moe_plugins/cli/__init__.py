@@ -59,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..checkpoint.errors import CheckpointMismatchError
     from ..checkpoint.output_dir import OutputDirError
     from .hub import SourceError
 
@@ -67,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, SourceError, OutputDirError) as err:
         print(f"{PROG}: error: {one_line(str(err))}", file=sys.stderr)
         return 2
+    except CheckpointMismatchError as err:  # the output was left as it was
+        print(f"{PROG}: error: {one_line(str(err))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
