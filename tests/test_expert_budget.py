@@ -59,8 +59,8 @@ def tiny_expert_bytes(model) -> int:
 def test_groups_give_the_one_pass_weights(glm4_dir, tokenizer, calibration_data):
     one_pass, plans = run(glm4_dir, tokenizer, calibration_data)
     assert plans == [
-        f"per-expert statistics: {EXPERTS * tiny_expert_bytes(one_pass) / GiB:.1f} "
-        "GiB per layer within no budget: one pass"
+        f"per-expert statistics: {EXPERTS * tiny_expert_bytes(one_pass) / 2**20:.2f} "
+        "MiB per layer within no budget: one pass"
     ]
     # room for 5 experts: groups of 4, 4, 4, 4
     budget = 5 * tiny_expert_bytes(one_pass) / GiB
@@ -122,3 +122,24 @@ def test_a_budget_no_plan_meets_stops_before_calibrating(
     assert "statistics_budget_gib" in message
     assert "--statistics-budget-gib" in message
     assert not forwards  # stopped before any calibrating forward
+
+
+def test_the_cli_flag_sets_the_budget():
+    from llmcompressor_moe_plugins import cli, recipes
+    from llmcompressor_moe_plugins.cli.recipe import CliError, load_recipe_modifiers
+
+    recipe = str(recipes.path("glm4_moe_w4a16_gptq"))
+    parser = cli.build_parser()
+    args = parser.parse_args(["quantize", "--statistics-budget-gib", "12.5"])
+    modifiers = load_recipe_modifiers(recipe, args)
+    takers = [m for m in modifiers if isinstance(m, SharedHessianGPTQModifier)]
+    assert [m.statistics_budget_gib for m in takers] == [12.5]
+    args = parser.parse_args(["quantize", "--statistics-budget-gib", "0"])
+    with pytest.raises(CliError, match="--statistics-budget-gib 0.0: needs a positive"):
+        load_recipe_modifiers(recipe, args)
+    unset = load_recipe_modifiers(recipe, parser.parse_args(["quantize"]))
+    assert all(
+        m.statistics_budget_gib is None
+        for m in unset
+        if isinstance(m, SharedHessianGPTQModifier)
+    )

@@ -116,7 +116,8 @@ def load_recipe_modifiers(path: str, args: argparse.Namespace) -> list:
     from llmcompressor.modifiers.quantization import QuantizationMixin
     from llmcompressor.recipe import Recipe
 
-    from ..modifier import MoECalibrationModifier, _require_weighting_gptq
+    from ..modifier import MoECalibrationModifier
+    from ..statistics.recipe_checks import require_weighting_gptq
 
     try:
         modifiers = list(Recipe.create_instance(path).modifiers)
@@ -147,7 +148,7 @@ def load_recipe_modifiers(path: str, args: argparse.Namespace) -> list:
     ours = modifiers[0]
     try:
         # the check the modifier makes at calibration start, made before loading
-        _require_weighting_gptq([ours.mode, *ours.block_modes.values()], modifiers)
+        require_weighting_gptq([ours.mode, *ours.block_modes.values()], modifiers)
     except ValueError as err:
         raise CliError(f"recipe {path}: {one_line(str(err))}") from None
     return _with_statistics_budget(modifiers, path, args)

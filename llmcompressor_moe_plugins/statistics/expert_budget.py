@@ -94,14 +94,13 @@ def _size(size: int) -> str:
 
 def plan_message(total: int, budget: int | None, groups: int) -> str:
     if groups == 1:
-        limit = "no budget" if budget is None else f"budget {budget / GiB:.1f} GiB"
+        limit = "no budget" if budget is None else f"budget {_size(budget)}"
         return (
-            f"per-expert statistics: {total / GiB:.1f} GiB per layer within "
-            f"{limit}: one pass"
+            f"per-expert statistics: {_size(total)} per layer within {limit}: one pass"
         )
     return (
-        f"per-expert statistics: {total / GiB:.1f} GiB per layer > budget "
-        f"{budget / GiB:.1f} GiB: {groups} groups, rebuilt one at a time at "
+        f"per-expert statistics: {_size(total)} per layer > budget "
+        f"{_size(budget)}: {groups} groups, rebuilt one at a time at "
         f"compression ({BUDGET_FLAG})"
     )
 

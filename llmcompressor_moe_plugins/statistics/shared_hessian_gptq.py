@@ -49,6 +49,7 @@ from ..calibration.modes import WeightedMode
 from ..calibration.routing import NOT_GATED_MLPS
 from ..upstream import gptq, module_hooks
 from .budgeted_statistics import ExpertBudget
+from .recipe_checks import with_shared_hessian_gptq
 from .shared_reduction import compress_shared_hessians
 
 __all__ = ["SharedHessianGPTQModifier", "with_shared_hessian_gptq"]
@@ -375,17 +376,6 @@ class SharedHessianGPTQModifier(GPTQModifier):
         finalized = super().on_finalize(state, **kwargs)
         upstream.end_run_outside_oneshot()
         return finalized
-
-
-def with_shared_hessian_gptq(modifiers: list) -> list:
-    """``modifiers`` with every plain ``GPTQModifier`` replaced by a
-    ``SharedHessianGPTQModifier`` of the same fields (weighted modes need it)."""
-    return [
-        SharedHessianGPTQModifier(**m.model_dump(exclude_unset=True))
-        if type(m) is GPTQModifier
-        else m
-        for m in modifiers
-    ]
 
 
 def _add_rows(
