@@ -99,6 +99,7 @@ def test_kimi_k2_layers_fit_an_80_gb_gpu():
     assert len(groups) == 8
     assert plan_groups(per_expert, None, "x") == [list(range(experts))]
     assert plan_groups(per_expert, total, "x") == [list(range(experts))]
+    assert len(plan_groups(per_expert, total - 1, "x")) == 2  # one byte short
 
 
 def test_a_budget_no_plan_meets_stops_before_calibrating(
