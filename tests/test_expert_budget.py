@@ -56,8 +56,22 @@ def tiny_expert_bytes(model) -> int:
     )
 
 
-def test_groups_give_the_one_pass_weights(glm4_dir, tokenizer, calibration_data):
+def test_groups_give_the_one_pass_weights(
+    glm4_dir, tokenizer, calibration_data, monkeypatch
+):
+    held = []  # per-expert statistics held at each compression
+    original = SharedHessianGPTQModifier._compress_pending
+
+    def compress_pending(self):
+        held.append(len(self._shared_hessians) + len(self._consumed_hessians))
+        return original(self)
+
+    monkeypatch.setattr(
+        SharedHessianGPTQModifier, "_compress_pending", compress_pending
+    )
     one_pass, plans = run(glm4_dir, tokenizer, calibration_data)
+    assert max(held) == 2 * EXPERTS  # gate/up and down_proj of every expert
+    held.clear()
     assert plans == [
         f"per-expert statistics: {EXPERTS * tiny_expert_bytes(one_pass) / 2**20:.2f} "
         "MiB per layer within no budget: one pass"
@@ -67,6 +81,8 @@ def test_groups_give_the_one_pass_weights(glm4_dir, tokenizer, calibration_data)
     grouped, plans = run(glm4_dir, tokenizer, calibration_data, budget_gib=budget)
     assert len(plans) == 1, plans  # logged once per run, not once per layer
     assert "> budget" in plans[0] and ": 4 groups" in plans[0], plans
+    # the forwards held none; compression one group (4 experts) at a time
+    assert max(held) == 2 * 4 and held.count(2 * 4) == 2 * 4, held
     linears = {
         name: module
         for name, module in one_pass.named_modules()
