@@ -158,9 +158,8 @@ def _with_statistics_budget(modifiers: list, path: str, args) -> list:
     budget = getattr(args, "statistics_budget_gib", None)
     if budget is None:
         return modifiers
-    from ..statistics.shared_hessian_gptq import SharedHessianGPTQModifier
-
-    takers = [m for m in modifiers if isinstance(m, SharedHessianGPTQModifier)]
+    # SharedHessianGPTQModifier's field (no import: cli/ stays off statistics/)
+    takers = [m for m in modifiers if "statistics_budget_gib" in type(m).model_fields]
     if budget <= 0 or not takers:
         raise CliError(
             f"--statistics-budget-gib {budget}: needs a positive number and a "

@@ -6,7 +6,7 @@ from loguru import logger
 
 from ..calibration.modes import any_weighted, parse_mode
 
-__all__ = ["require_weighting_gptq", "with_shared_hessian_gptq"]
+__all__ = ["require_weighting_gptq"]
 
 
 def require_weighting_gptq(specs: list, modifiers: list, default=None) -> None:
@@ -35,18 +35,3 @@ def require_weighting_gptq(specs: list, modifiers: list, default=None) -> None:
             "accumulates; this recipe has GPTQModifier. Rename it to "
             "SharedHessianGPTQModifier (same fields), or pick another mode."
         )
-
-
-def with_shared_hessian_gptq(modifiers: list) -> list:
-    """``modifiers`` with every plain ``GPTQModifier`` replaced by a
-    ``SharedHessianGPTQModifier`` of the same fields (weighted modes need it)."""
-    from llmcompressor.modifiers.gptq import GPTQModifier
-
-    from .shared_hessian_gptq import SharedHessianGPTQModifier
-
-    return [
-        SharedHessianGPTQModifier(**m.model_dump(exclude_unset=True))
-        if type(m) is GPTQModifier
-        else m
-        for m in modifiers
-    ]

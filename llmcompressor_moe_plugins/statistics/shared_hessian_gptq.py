@@ -49,7 +49,6 @@ from ..calibration.modes import WeightedMode
 from ..calibration.routing import NOT_GATED_MLPS
 from ..upstream import gptq, module_hooks
 from .budgeted_statistics import ExpertBudget
-from .recipe_checks import with_shared_hessian_gptq
 from .shared_reduction import compress_shared_hessians
 
 __all__ = ["SharedHessianGPTQModifier", "with_shared_hessian_gptq"]
@@ -67,9 +66,8 @@ class SharedHessianGPTQModifier(GPTQModifier):
         the weights and pass ``down_proj`` inputs here instead of calling each
         expert (same statistics, far fewer kernel launches; block outputs during
         calibration equal up to rounding instead of bit for bit)
-    :param statistics_budget_gib: most GiB of one layer's routing-weighted
-        per-expert Hessians held at once (see ``expert_budget``); unset: a quarter
-        of the device's free memory at the layer's first forward (no limit on CPU)
+    :param statistics_budget_gib: most GiB of a layer's weighted per-expert
+        Hessians held at once (``expert_budget``; unset: automatic)
     """
 
     rows_per_call: int = Field(default=16384, ge=1)
@@ -251,8 +249,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
             self._consume_rows(mlp.down_proj, intermediate, weights)
 
     def record_weighted(self, mlp, hidden_states, index, routed, weights) -> bool:
-        """Keep what rebuilds this expert's statistics where its layer is planned
-        in groups (see ``expert_budget``); False: consume them now."""
+        """Keep what rebuilds these statistics if the layer is planned in groups."""
         return self._budget.record(self, mlp, hidden_states, index, routed, weights)
 
     def _merge_consumed_statistics(self) -> None:
@@ -281,8 +278,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
         )
 
     def compress_modules(self):
-        # layers over the budget: one group of experts' statistics at a time
-        for _ in self._budget.rebuild_groups(self):
+        for _ in self._budget.rebuild_groups(self):  # layers over the budget
             self._compress_pending()
         self._compress_pending()
 
@@ -376,6 +372,17 @@ class SharedHessianGPTQModifier(GPTQModifier):
         finalized = super().on_finalize(state, **kwargs)
         upstream.end_run_outside_oneshot()
         return finalized
+
+
+def with_shared_hessian_gptq(modifiers: list) -> list:
+    """``modifiers`` with every plain ``GPTQModifier`` replaced by a
+    ``SharedHessianGPTQModifier`` of the same fields (weighted modes need it)."""
+    return [
+        SharedHessianGPTQModifier(**m.model_dump(exclude_unset=True))
+        if type(m) is GPTQModifier
+        else m
+        for m in modifiers
+    ]
 
 
 def _add_rows(
