@@ -97,6 +97,42 @@ GLM45_AIR = dict(
     tie_word_embeddings=False,
     num_mtp_layers=0,
 )
+# DeepSeek-V3/R1's MoE shapes (deepseek-ai/DeepSeek-V3 config.json: hidden 7168,
+# dense MLP 18432, 256 routed experts of width 2048 top-8 in 8 groups, top-4
+# groups, 1 shared expert, routed scaling 2.5) on GLM4-MoE's architecture: its
+# attention is GQA (128 heads of 128, 8 key-value heads) instead of DeepSeek's MLA,
+# which only the attention Linears' shapes see; the MoE layer is DeepSeek-V3's
+DEEPSEEK_V3 = dict(
+    GLM45_AIR,
+    hidden_size=7168,
+    intermediate_size=18432,
+    moe_intermediate_size=2048,
+    n_routed_experts=256,
+    n_group=8,
+    topk_group=4,
+    routed_scaling_factor=2.5,
+    num_attention_heads=128,
+    num_key_value_heads=8,
+    partial_rotary_factor=1.0,
+    attention_bias=False,
+    rms_norm_eps=1e-6,
+)
+# GLM-4.5 / 4.6 / 4.7 (real_configs/GLM-4.5.json)
+GLM45 = dict(
+    GLM45_AIR,
+    hidden_size=5120,
+    intermediate_size=12288,
+    moe_intermediate_size=1536,
+    n_routed_experts=160,
+    routed_scaling_factor=2.5,
+    use_qk_norm=True,
+)
+SHAPES = {"glm4_5_air": GLM45_AIR, "glm4_5": GLM45, "deepseek_v3": DEEPSEEK_V3}
+SHAPE_NAMES = {
+    "glm4_5_air": "GLM-4.5-Air shapes",
+    "glm4_5": "GLM-4.5 shapes",
+    "deepseek_v3": "DeepSeek-V3 MoE shapes",
+}
 # --tiny: the same structure in miniature; the dense MLP width keeps 10944's
 # residue modulo 128 (192 = 128 + 64), so layer 0's down_proj still misfits
 TINY = dict(
@@ -120,7 +156,8 @@ IGNORE = ["lm_head", "re:.*mlp\\.gate$", "model.layers.0.mlp.down_proj"]
 VARIANTS = {
     "upstream routed": (None, False, "GPTQModifier"),
     "upstream all": (None, True, "GPTQModifier"),
-    "ours default": ({}, True, "GPTQModifier"),
+    # the shipped GPTQ recipes' modifier: the default's routing weights need it
+    "ours default": ({}, True, "SharedHessianGPTQModifier"),
     "ours all+shared": ({"mode": "all"}, True, "SharedHessianGPTQModifier"),
     "ours routed": ({"mode": "routed", "rtn_fallback": True}, False, "GPTQModifier"),
 }
@@ -232,7 +269,7 @@ def uneven_router_bias(
 
 
 def build_settings(args) -> dict:
-    config = dict(TINY if args.tiny else GLM45_AIR)
+    config = dict(TINY if args.tiny else SHAPES[args.shape])
     config["num_hidden_layers"] = config["first_k_dense_replace"] + args.moe_layers
     return {
         "config": config,
@@ -399,7 +436,12 @@ def run_child(spec: dict) -> dict:
                 rows[name] = 0
                 module.register_forward_pre_hook(counter(name))
 
-    recipe = [gptq_cls(targets=["Linear"], scheme="W4A16", ignore=list(IGNORE))]
+    fields = {}
+    if gptq_cls is SharedHessianGPTQModifier and spec.get("statistics_budget_gib"):
+        fields["statistics_budget_gib"] = spec["statistics_budget_gib"]
+    recipe = [
+        gptq_cls(targets=["Linear"], scheme="W4A16", ignore=list(IGNORE), **fields)
+    ]
     if ours is not None:
         recipe.insert(0, MoECalibrationModifier(**ours))
 
@@ -597,6 +639,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--moe-layers", type=int, default=1)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="glm4_5_air")
+    parser.add_argument(
+        "--statistics-budget-gib",
+        type=float,
+        default=None,
+        help="SharedHessianGPTQModifier's statistics_budget_gib (default: auto)",
+    )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     parser.add_argument("--timeout-s", type=float, default=240)
@@ -662,6 +711,7 @@ def main() -> None:
                     "round": round_index,
                     "model_dir": str(model_dir),
                     "data": str(data),
+                    "statistics_budget_gib": args.statistics_budget_gib,
                 }
                 result = launch(spec, timeout, log)
                 runs[name].append(result)
@@ -675,7 +725,8 @@ def main() -> None:
         (r["device"] for rs in runs.values() for r in rs if r.get("device")), "?"
     )
     print(
-        f"\nGLM-4.5-Air shapes{' (tiny)' if args.tiny else ''}: {args.moe_layers} MoE "
+        f"\n{SHAPE_NAMES[args.shape]}{' (tiny)' if args.tiny else ''}: "
+        f"{args.moe_layers} MoE "
         f"layer(s), {args.samples} x {args.seq_len} tokens, device={device}, "
         f"repeats={args.repeats}, total {time.perf_counter() - began:.0f} s"
     )
@@ -684,7 +735,8 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "real_shapes",
-                "model": "GLM-4.5-Air shapes" + (" (tiny)" if args.tiny else ""),
+                "model": SHAPE_NAMES[args.shape] + (" (tiny)" if args.tiny else ""),
+                "statistics_budget_gib": args.statistics_budget_gib,
                 "settings": settings,
                 "samples": args.samples,
                 "seq_len": args.seq_len,

@@ -113,14 +113,25 @@ class WeightComputedPaths:
         if not pieces:
             return None
         with torch.no_grad():
-            rows = [hidden_states[t] for t in pieces]
-            intermediates = [mlp.intermediate(r) for r in rows]
-            consumer.consume_weighted(
-                mlp,
-                torch.cat(rows),
-                torch.cat(intermediates),
-                token_weights[torch.cat(pieces), expert_index],
-            )
+            index = torch.cat(pieces)
+            weights = token_weights[index, expert_index]
+            record = getattr(consumer, "record_weighted", None)
+            if record is not None and record(
+                mlp, hidden_states, index, routed_tokens.numel(), weights
+            ):
+                # the consumer rebuilds the statistics later (a memory budget):
+                # only the routed output is needed now
+                routed = hidden_states[routed_tokens]
+                intermediates = [mlp.intermediate(routed)] if routed.numel() else []
+            else:
+                rows = [hidden_states[t] for t in pieces]
+                intermediates = [mlp.intermediate(r) for r in rows]
+                consumer.consume_weighted(
+                    mlp,
+                    torch.cat(rows),
+                    torch.cat(intermediates),
+                    weights,
+                )
         bypass = self._exact() and consumer.accepts(mlp.linears)
         if not bypass:
             return self._run_expert(

@@ -120,6 +120,13 @@ def _add_calibration_arguments(quantize: argparse.ArgumentParser) -> None:
         "it unquantized (ignore, default), give it a smaller group (regroup), or "
         "stop (raise)",
     )
+    quantize.add_argument(
+        "--statistics-budget-gib",
+        type=float,
+        help="most GiB of one MoE layer's per-expert GPTQ statistics held at once "
+        "in a weighted mode; above it the experts are calibrated in groups "
+        "(default: a quarter of the GPU's free memory at the layer)",
+    )
     quantize.set_defaults(chunk_size=DEFAULT_CHUNK_SIZE)
 
 

@@ -214,4 +214,20 @@ def load_recipe_modifiers(path: str, args: argparse.Namespace) -> list:
         require_weighting_gptq([ours.mode, *ours.block_modes.values()], modifiers)
     except ValueError as err:
         raise CliError(f"recipe {path}: {one_line(str(err))}") from None
+    return _with_statistics_budget(modifiers, path, args)
+
+
+def _with_statistics_budget(modifiers: list, path: str, args) -> list:
+    budget = getattr(args, "statistics_budget_gib", None)
+    if budget is None:
+        return modifiers
+    # SharedHessianGPTQModifier's field (no import: cli/ stays off statistics/)
+    takers = [m for m in modifiers if "statistics_budget_gib" in type(m).model_fields]
+    if budget <= 0 or not takers:
+        raise CliError(
+            f"--statistics-budget-gib {budget}: needs a positive number and a "
+            f"SharedHessianGPTQModifier in recipe {path} (the shipped GPTQ recipes)"
+        )
+    for modifier in takers:
+        modifier.statistics_budget_gib = budget
     return modifiers

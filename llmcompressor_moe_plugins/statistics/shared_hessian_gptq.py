@@ -15,17 +15,12 @@ routing-weighted Hessians, accumulated here: each expert's ``gate_proj`` and
 tokens, and ``down_proj`` gets its own from the same forward. Only this modifier
 knows the weights, so those Linears skip GPTQ's per-Linear hooks.
 
-With ``batched_expert_statistics`` (default on), the all-mode blocks also stop
-calling their experts as modules: they compute every expert from its weights and
-hand each ``down_proj`` input straight to this modifier (see ``batched_experts``),
-which removes the per-expert call overhead that dominates all-expert calibration on
-a GPU. It applies only where nothing else observes the expert Linears.
-
-Recipes name it like GPTQ::
-
-    SharedHessianGPTQModifier:
-      targets: [Linear]
-      scheme: W4A16
+With ``batched_expert_statistics`` (default on), all-mode blocks compute every
+expert from its weights and hand each ``down_proj`` input straight here (see
+``batched_experts``): no per-expert call overhead, where nothing else observes the
+expert Linears. A layer whose weighted statistics exceed ``statistics_budget_gib``
+is rebuilt in groups of experts at compression (``expert_budget``). Recipes name it
+like GPTQ (``SharedHessianGPTQModifier: {targets: [Linear], scheme: W4A16}``).
 """
 
 from __future__ import annotations
@@ -53,6 +48,7 @@ from ..calibration.batched_experts import GatedMLP
 from ..calibration.modes import WeightedMode
 from ..calibration.routing import NOT_GATED_MLPS
 from ..upstream import gptq, module_hooks
+from .budgeted_statistics import ExpertBudget
 from .shared_reduction import compress_shared_hessians
 
 __all__ = ["SharedHessianGPTQModifier", "with_shared_hessian_gptq"]
@@ -70,10 +66,13 @@ class SharedHessianGPTQModifier(GPTQModifier):
         the weights and pass ``down_proj`` inputs here instead of calling each
         expert (same statistics, far fewer kernel launches; block outputs during
         calibration equal up to rounding instead of bit for bit)
+    :param statistics_budget_gib: most GiB of a layer's weighted per-expert
+        Hessians held at once (``expert_budget``; unset: automatic)
     """
 
     rows_per_call: int = Field(default=16384, ge=1)
     batched_expert_statistics: bool = True
+    statistics_budget_gib: float | None = Field(default=None, gt=0)
 
     # group (an MoE block, or in a weighted mode an expert's gate_proj) -> the
     # Linears that share one Hessian
@@ -99,6 +98,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
     _consumed_num_samples: dict[torch.nn.Module, int] = PrivateAttr(
         default_factory=dict
     )
+    _budget: ExpertBudget = PrivateAttr(default_factory=ExpertBudget)
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         upstream.begin_run()
@@ -163,6 +163,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
             self._weighted_members.update(inputs)
             if mlp.down_proj in targeted:
                 self._weighted_members.add(mlp.down_proj)
+        self._budget.add_block(self, dispatcher.name, mlps)
         self._consume_for(dispatcher)
         return True
 
@@ -247,6 +248,10 @@ class SharedHessianGPTQModifier(GPTQModifier):
         if mlp.down_proj in self._weighted_members:
             self._consume_rows(mlp.down_proj, intermediate, weights)
 
+    def record_weighted(self, mlp, hidden_states, index, routed, weights) -> bool:
+        """Keep what rebuilds these statistics if the layer is planned in groups."""
+        return self._budget.record(self, mlp, hidden_states, index, routed, weights)
+
     def _merge_consumed_statistics(self) -> None:
         hessians, num_samples = gptq.statistics(self)
         for module in list(self._consumed_hessians):
@@ -273,6 +278,11 @@ class SharedHessianGPTQModifier(GPTQModifier):
         )
 
     def compress_modules(self):
+        for _ in self._budget.rebuild_groups(self):  # layers over the budget
+            self._compress_pending()
+        self._compress_pending()
+
+    def _compress_pending(self):
         self._merge_consumed_statistics()
         if is_distributed():
             # one reduction per shared Hessian onto an owning rank, not one per
@@ -358,6 +368,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
         self._shared_members.clear()
         self._member_of.clear()
         self._weighted_members.clear()
+        self._budget = ExpertBudget()
         finalized = super().on_finalize(state, **kwargs)
         upstream.end_run_outside_oneshot()
         return finalized

@@ -1,0 +1,101 @@
+"""``SharedHessianGPTQModifier``'s side of the per-expert statistics budget
+(``expert_budget``): a plan per weighted MoE block, the record kept during its
+calibration forwards where the plan has several groups, and the groups rebuilt one
+at a time at compression."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from compressed_tensors.offload import disable_offloading
+from compressed_tensors.offload.dist_utils import is_distributed
+from loguru import logger
+
+from .expert_budget import (
+    ExpertRecord,
+    GiB,
+    auto_budget_bytes,
+    expert_statistics_bytes,
+    plan_groups,
+    plan_message,
+)
+
+__all__ = ["ExpertBudget"]
+
+
+@dataclass
+class _Block:
+    name: str
+    mlps: list
+    per_expert: list[int]
+    record: ExpertRecord | None = None  # None: not planned yet (automatic budget)
+    device: torch.device | None = None
+
+
+@dataclass
+class ExpertBudget:
+    blocks: dict[str, _Block] = field(default_factory=dict)
+    expert_of: dict[torch.nn.Module, tuple[_Block, int]] = field(default_factory=dict)
+    auto_bytes: int | None = None
+    auto_decided: bool = False
+    logged: set[str] = field(default_factory=set)
+
+    def add_block(self, modifier, name: str, mlps: list) -> None:
+        """Plan the block now where the budget is set (an impossible budget stops
+        before calibration), else at its first forward."""
+        if is_distributed():  # each rank holds its own experts' share; no plan
+            return
+        per_expert = [
+            (mlp.gate_proj in modifier._shared_members)
+            * expert_statistics_bytes(mlp.gate_proj.weight.shape[1], 0)
+            + (mlp.down_proj in modifier._weighted_members)
+            * expert_statistics_bytes(0, mlp.down_proj.weight.shape[1])
+            for mlp in mlps
+        ]
+        block = _Block(name, mlps, per_expert)
+        self.blocks[name] = block
+        for index, mlp in enumerate(mlps):
+            self.expert_of[mlp.gate_proj] = (block, index)
+        if modifier.statistics_budget_gib is not None:
+            self._plan(block, int(modifier.statistics_budget_gib * GiB))
+
+    def _plan(self, block: _Block, budget: int | None) -> None:
+        groups = plan_groups(block.per_expert, budget, block.name)
+        block.record = ExpertRecord(groups)
+        message = plan_message(sum(block.per_expert), budget, len(groups))
+        if message not in self.logged:  # once per run (per distinct plan)
+            self.logged.add(message)
+            logger.info(message)
+
+    def record(self, modifier, mlp, hidden_states, index, routed, weights) -> bool:
+        found = self.expert_of.get(mlp.gate_proj)
+        if found is None:
+            return False
+        block, expert = found
+        if block.record is None:
+            if not self.auto_decided:  # one automatic budget per run
+                self.auto_decided = True
+                self.auto_bytes = auto_budget_bytes(hidden_states.device)
+            self._plan(block, self.auto_bytes)
+        if len(block.record.groups) == 1:
+            return False
+        block.device = hidden_states.device
+        block.record.add(expert, hidden_states, index, routed, weights)
+        return True
+
+    def rebuild_groups(self, modifier) -> Iterator[None]:
+        """For each recorded block, each group in turn: its statistics rebuilt into
+        the modifier's (yielded for compression before the next group)."""
+        for block in self.blocks.values():
+            record = block.record
+            if record is None or not record.inputs:
+                continue
+            for group in record.groups:
+                with disable_offloading():
+                    record.replay(
+                        group, block.mlps, modifier.consume_weighted, block.device
+                    )
+                yield
+            block.record = ExpertRecord(record.groups)  # the next pass starts empty
