@@ -1,9 +1,11 @@
-"""The Hessian GPTQ actually solves against for each expert Linear in a weighted
-mode, read at ``quantize_weight`` (after every merge step), equals the routing-
-weighted sum from that expert's own tokens, computed here in float64:
-``2 sum_t w_t x_t x_t^T`` for ``gate_proj``/``up_proj`` (shared by the two) and
-``2 sum_t w_t h_t h_t^T`` for ``down_proj``. Driven without oneshot: one
-calibrating forward of one GLM4-MoE block, then the layer's compression."""
+"""The Hessian GPTQ actually solves against for each expert Linear, read at
+``quantize_weight`` (after every merge step), against float64 sums from that
+expert's own tokens. In a weighted mode: ``2 sum_t w_t x_t x_t^T`` for
+``gate_proj``/``up_proj`` (shared by the two) and ``2 sum_t w_t h_t h_t^T`` for
+``down_proj``; in ``all`` mode (batched from the weights): ``2 X^T X`` of the
+block input for every expert's and the shared expert's input projections, and
+each expert's own ``2 H^T H`` for its ``down_proj``. Driven without oneshot:
+one calibrating forward of one GLM4-MoE block, then the layer's compression."""
 
 import pytest
 import torch
@@ -137,4 +139,41 @@ def test_each_expert_is_solved_against_its_own_routing_weighted_hessians(
             assert relative_error(solves[0], expected) < 1e-5, f"expert {index}"
         distinct_down.append(recorder.solved[expert.down_proj][0])
     # the check above has teeth: the experts' Hessians differ from each other
+    assert relative_error(distinct_down[0], distinct_down[1]) > 0.1
+
+
+def test_all_mode_shares_the_input_hessian_and_gives_each_down_proj_its_own(
+    monkeypatch,
+):
+    torch.manual_seed(0)
+    block = linearized_block()
+    x = torch.randn(45, 128)
+    weights = {
+        m: m.weight.detach().double().clone()
+        for m in block.modules()
+        if isinstance(m, torch.nn.Linear)
+    }
+    # one chunk: one down_proj observation per expert, as GPTQ counts samples
+    module = calibration_module(
+        CalibrationGlm4MoeMoE, block, block.config, "all", chunk_size=1024
+    )
+    recorder = SolveRecorder(monkeypatch)
+    calibrate_and_compress(module, x, observed=False)
+
+    rows = x.double()
+    shared_input = 2 * rows.t() @ rows
+    inputs = [module.shared_experts.gate_proj, module.shared_experts.up_proj]
+    distinct_down = []
+    for index, expert in enumerate(module.dispatcher.experts):
+        inputs += [expert.gate_proj, expert.up_proj]
+        h = F.silu(rows @ weights[expert.gate_proj].t()) * (
+            rows @ weights[expert.up_proj].t()
+        )
+        solves = recorder.solved.get(expert.down_proj, [])
+        assert len(solves) == 1, f"expert {index}: solved {len(solves)} times"
+        assert relative_error(solves[0], 2 * h.t() @ h) < 1e-5, f"expert {index}"
+        distinct_down.append(solves[0])
+    for linear in inputs:
+        assert len(recorder.solved[linear]) == 1
+        assert relative_error(recorder.solved[linear][0], shared_input) < 1e-5
     assert relative_error(distinct_down[0], distinct_down[1]) > 0.1
