@@ -16,6 +16,16 @@ from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 from .modules.test_moe_layer import HIDDEN, make_layer
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads; on a shared 2-core machine the
+    spinning threads cost several times the work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _calibrated_counts(seed: int) -> list[int]:
     layer = torch.nn.Sequential(make_layer())
     x = torch.randn(4, 64, HIDDEN, generator=torch.Generator().manual_seed(1))
@@ -27,16 +37,6 @@ def _calibrated_counts(seed: int) -> list[int]:
 def test_the_seed_changes_which_tokens_are_sampled():
     assert _calibrated_counts(0) == _calibrated_counts(0)
     assert _calibrated_counts(0) != _calibrated_counts(1)
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls gain nothing from threads; on a shared 2-core machine the
-    spinning threads cost several times the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 _FIRST_LAYER_DOWN_PROJS = r"re:model\.layers\.1\.mlp\.experts\.\d+\.down_proj$"
@@ -66,7 +66,7 @@ def _quantized_expert_weights(glm4_dir, data, seed: int) -> dict[str, torch.Tens
     }
 
 
-def test_the_seed_changes_the_quantized_weights(glm4_dir, tokenizer, one_thread):
+def test_the_seed_changes_the_quantized_weights(glm4_dir, tokenizer):
     """The recipe's seed reaches the Hessians: another seed samples other tokens
     for the experts, and so quantizes some of them differently; the same seed
     gives the same weights."""
