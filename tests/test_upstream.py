@@ -225,6 +225,90 @@ def test_an_upstream_only_oneshot_runs_upstream_unpatched(
     assert not run_active() and _patchable() == originals
 
 
+_UPSTREAM_ONLY_RUN = """
+import sys
+
+import datasets
+import torch
+from llmcompressor import oneshot
+from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.pipelines.cache import IntermediatesCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model_dir, data_dir, out = sys.argv[1:4]
+torch.set_num_threads(1)
+# what cpu_only_calibration does, without importing the plugin
+IntermediatesCache._pin_intermediate = classmethod(lambda cls, intermediate: None)
+model = AutoModelForCausalLM.from_pretrained(model_dir)
+oneshot(
+    model=model,
+    processor=AutoTokenizer.from_pretrained(model_dir),
+    dataset=datasets.load_from_disk(data_dir),
+    recipe=[GPTQModifier(targets=["Linear"], scheme="W4A16", ignore=["lm_head"])],
+    num_calibration_samples=2,
+    max_seq_length=64,
+    shuffle_calibration_samples=False,
+)
+assert not any(name.startswith("llmcompressor_moe_plugins") for name in sys.modules)
+torch.save(model.state_dict(), out)
+"""
+
+
+@pytest.mark.slow
+def test_an_upstream_only_oneshot_gives_the_weights_of_a_process_without_the_plugin(
+    glm4_dir, tokenizer, calibration_data, tmp_path
+):
+    """The same upstream-only GPTQ run here, after the plugin's import and a run
+    of ours, and in a process that never imported the plugin: the same tensors,
+    bit for bit."""
+    data = calibration_data.select(range(2))
+    data.save_to_disk(str(tmp_path / "data"))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _UPSTREAM_ONLY_RUN,
+            str(glm4_dir),
+            str(tmp_path / "data"),
+            str(tmp_path / "without.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    without = torch.load(tmp_path / "without.pt")
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the subprocess: the same float reductions
+    try:
+        one_expert = r"re:.*layers\.1\.mlp\.experts\.0\.down_proj$"
+        ours = [
+            MoECalibrationModifier(mode="all"),
+            GPTQModifier(targets=[one_expert], scheme="W4A16"),
+        ]
+        _run(AutoModelForCausalLM.from_pretrained(glm4_dir), tokenizer, data, ours)
+        model = AutoModelForCausalLM.from_pretrained(glm4_dir)
+        with cpu_only_calibration():
+            oneshot(
+                model=model,
+                processor=tokenizer,
+                dataset=data,
+                recipe=_gptq_recipe(ours=False),
+                num_calibration_samples=2,
+                max_seq_length=64,
+                shuffle_calibration_samples=False,
+            )
+    finally:
+        torch.set_num_threads(threads)
+    assert not run_active()
+    here = model.state_dict()
+    assert here.keys() == without.keys()
+    assert sum(name.endswith("weight_scale") for name in here) > 100
+    differing = [name for name in here if not torch.equal(here[name], without[name])]
+    assert not differing, differing[:5]
+
+
 class _FailsToInitialize(Modifier):
     def on_initialize(self, state, **kwargs) -> bool:
         raise RuntimeError("a later modifier failed")
