@@ -136,3 +136,20 @@ def test_every_scale_finite_and_positive(tmp_path, bad):
     assert vllm_layout_violations(checkpoint, check_values=True) == [
         f"{EXPERTS}.1.down_proj.weight_scale: a scale that is not finite and > 0"
     ]
+
+
+def test_a_bias_is_not_a_missing_qparam(tmp_path):
+    # GLM-4.5-Air's attention has biases, its experts none: both hold their
+    # scheme's quantization tensors, and only those are compared
+    from llmcompressor_moe_plugins.checkpoint.verify import qparam_problems
+
+    tensors = experts(PACKED)
+    attention = "model.layers.1.self_attn.q_proj"
+    tensors |= {f"{attention}.{s}": torch.ones(2) for s in (*PACKED, "bias")}
+    checkpoint = write(tmp_path / "c", {"g": W4A16}, tensors)
+    assert qparam_problems(checkpoint) == []
+    del tensors[f"{attention}.weight_scale"]
+    checkpoint = write(tmp_path / "missing", {"g": W4A16}, tensors)
+    (problem,) = qparam_problems(checkpoint)
+    assert problem.startswith("quantized Linears of scheme g without weight_scale")
+    assert attention in problem

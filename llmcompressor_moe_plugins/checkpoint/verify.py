@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 SHOWN = 5
+QPARAM_PREFIXES = ("weight_", "input_", "output_")
 
 
 def _model_class(config: dict):
@@ -109,7 +110,59 @@ def _transformers_gaps(config: dict, report: dict) -> tuple[dict, str | None]:
     return report, None
 
 
+# what torchrun sets; a process without them is not part of the run's group
+TORCHRUN_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
+
+
 def reload_problems(
+    directory: str | Path, trust_remote_code: bool = False
+) -> list[str]:
+    """transformers' load report of ``directory``, made on the meta device. Under
+    torchrun it is made in a fresh process: compressed-tensors spreads its
+    model compression over the ranks of an initialized process group, and only
+    the writing rank checks."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _reload_problems_in_a_fresh_process(directory, trust_remote_code)
+    return _reload_problems(directory, trust_remote_code)
+
+
+def _reload_problems_in_a_fresh_process(
+    directory: str | Path, trust_remote_code: bool
+) -> list[str]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARIABLES}
+    code = (
+        "import json, sys\n"
+        "from llmcompressor_moe_plugins.checkpoint.verify import _reload_problems\n"
+        "print(json.dumps(_reload_problems(sys.argv[1], sys.argv[2] == '1')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(directory), "1" if trust_remote_code else "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if result.returncode != 0:
+        return [f"load check failed: {result.stderr.strip().splitlines()[-1:]}"]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _reload_problems(
     directory: str | Path, trust_remote_code: bool = False
 ) -> list[str]:
     config = read_config(directory)
@@ -143,9 +196,11 @@ def qparam_problems(directory: str | Path) -> list[str]:
     names = tensor_names(directory)
     by_scheme: dict[str | None, dict[str, frozenset]] = defaultdict(dict)
     for module, suffixes in linear_tensors(names).items():
-        if suffixes & {"weight_scale", "weight_packed"}:
+        # the quantization tensors (a bias or a plain weight is no qparam)
+        qparams = {s for s in suffixes if s.startswith(QPARAM_PREFIXES)}
+        if qparams & {"weight_scale", "weight_packed"}:
             scheme = resolve_scheme(module, quantization)
-            by_scheme[scheme][module] = frozenset(suffixes)
+            by_scheme[scheme][module] = frozenset(qparams)
     problems = []
     for scheme, modules in by_scheme.items():
         expected, _ = Counter(modules.values()).most_common(1)[0]

@@ -33,6 +33,7 @@ from .files import (
     resolve_scheme,
     tensor_names,
 )
+from .mtp import mtp_linear_names
 
 __all__ = ["vllm_layout_violations", "GATE_UP_LEAVES"]
 
@@ -144,9 +145,15 @@ def vllm_layout_violations(
 def _mtp_violations(config: dict, quantization: dict, names) -> list[str]:
     problems = []
     for prefix in _mtp_prefixes(config):
-        modules = {
-            m: s for m, s in linear_tensors(names).items() if m.startswith(prefix)
+        # the MTP layer's Linears as mtp.py lists them in ignore (no norms, no
+        # embedding), quantized ones too
+        linears = set(mtp_linear_names(n for n in names if n.startswith(prefix)))
+        linears |= {
+            m
+            for m, s in linear_tensors(names).items()
+            if m.startswith(prefix) and "weight_packed" in s
         }
+        modules = {m: s for m, s in linear_tensors(names).items() if m in linears}
         quantized = sorted(m for m, s in modules.items() if "weight" not in s)
         if quantized:
             problems.append(
