@@ -90,3 +90,14 @@ def plugin_path(tmp_path, monkeypatch):
         if name.startswith("fake_plugin"):
             del sys.modules[name]
     reload_plugins()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads; on a shared 2-core machine the
+    spinning threads cost several times the work. A module takes it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

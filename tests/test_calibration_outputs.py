@@ -9,7 +9,6 @@ the experts from their weights, equal to the per-expert path up to rounding.
   through the compressed layer again, on the exact path (bit for bit the
   original block's computation with the quantized weights)."""
 
-import pytest
 import torch
 from llmcompressor import oneshot
 from llmcompressor.modeling.moe.linearize import linearize_moe
@@ -34,16 +33,6 @@ from .helpers import relative_error
 FIRST_MOE_EXPERTS = r"re:model\.layers\.1\.mlp\.(shared_)?experts\..*_proj$"
 # float32 rounding of differently ordered sums; a wrong expert or weight is O(1)
 ROUNDING = 1e-5
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls gain nothing from threads; on a shared 2-core machine the
-    spinning threads cost several times the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _first(value):

@@ -26,7 +26,7 @@ from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 from .families import save_tiny
 from .helpers import relative_error
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 NUM_SAMPLES, SEQ_LEN = 4, 32
 TWINS = {
@@ -68,14 +68,6 @@ NVFP4_RELOAD = (
 
 def scheme_of(recipe: str) -> str:
     return "w4a16_gptq" if recipe.endswith("w4a16_gptq") else "nvfp4"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,8 @@ from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
 from .helpers import relative_error
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NUM_SAMPLES, SEQ_LEN = 4, 32
 AIR_DENSE_DOWN = "model.layers.0.mlp.down_proj"
 # relative logit error of the quantized model vs the original (random init): the
@@ -276,21 +278,12 @@ def test_twins_of_4_5_4_6_4_7_are_one_model():
         assert tiny_config_like(name).to_dict() == twin, name
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads; on a shared 2-core machine the
-    spinning threads cost several times the work (measured: 29 s CPU vs 5 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "recipe", "policy"), CASES)
 def test_shipped_recipe_on_twin(
     name, recipe, policy, twins, tokenizer, small_data, tmp_path
 ):
+
     model_dir = twins(name)
     model, changes = run(recipe, model_dir, tokenizer, small_data, policy)
     scheme = recipe.split("_")[2]

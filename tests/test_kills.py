@@ -15,15 +15,7 @@ from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
 from .modules.test_moe_layer import HIDDEN, make_layer
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads; on a shared 2-core machine the
-    spinning threads cost several times the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calibrated_counts(seed: int) -> list[int]:

@@ -23,17 +23,9 @@ from llmcompressor_moe_plugins.tiny import (
     tokenize_for_calibration,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MTP = 3  # the GLM-4.5-Air twin: layers 0 (dense), 1, 2 (MoE), MTP layer 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads; on a shared 2-core machine the
-    spinning threads cost several times the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -25,15 +25,7 @@ from llmcompressor_moe_plugins.checkpoint.rtn import (
 from llmcompressor_moe_plugins.real_configs import build_tiny_like
 from llmcompressor_moe_plugins.tiny import stdlib_texts, tokenize_for_calibration
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads; on a shared 2-core machine the
-    spinning threads cost several times the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Expert(torch.nn.Module):

@@ -23,17 +23,9 @@ from .helpers import calibration_module, relative_error
 from .modules.test_glm4_moe import linearized_block
 from .test_weighted import expected_choice
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 POWER, PRIOR, FLOOR = 2, 0.2, 20
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads; on a shared 2-core machine the
-    spinning threads cost several times the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class SolveRecorder:
@@ -145,6 +137,7 @@ def test_each_expert_is_solved_against_its_own_routing_weighted_hessians(
 def test_all_mode_shares_the_input_hessian_and_gives_each_down_proj_its_own(
     monkeypatch,
 ):
+
     torch.manual_seed(0)
     block = linearized_block()
     x = torch.randn(45, 128)

@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from compressed_tensors.utils import match_name
 
 __all__ = [
     "tensor_names",
@@ -75,23 +76,19 @@ def linear_tensors(names) -> dict[str, set[str]]:
     }
 
 
-def _matches(name: str, target: str) -> bool:
-    if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
-    return name == target
-
-
 def resolve_scheme(name: str, quantization_config: dict) -> str | None:
     """The config group vLLM resolves for a Linear named ``name`` in the checkpoint,
     or None when it is ignored or not targeted: ``ignore`` first, then a name or
     regex target, then a class target (a Linear matches ``Linear``);
     ``compressed_tensors.py``'s ``get_scheme_dict`` in vLLM 0.34."""
-    if any(_matches(name, target) for target in quantization_config.get("ignore", [])):
+    if any(
+        match_name(name, target) for target in quantization_config.get("ignore", [])
+    ):
         return None
     groups = quantization_config.get("config_groups") or {}
     for key, group in groups.items():
         if any(
-            _matches(name, t)
+            match_name(name, t)
             for t in group.get("targets", [])
             if "." in t or t.startswith("re:")
         ):
