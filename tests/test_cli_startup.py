@@ -97,12 +97,16 @@ def test_argument_and_path_errors_import_nothing_heavy(tmp_path):
 
 
 def _start(args: list[str]) -> subprocess.Popen:
+    """The CLI as a terminal starts it: with Ctrl-C's default disposition, also
+    when the tests themselves run in the background of a shell (which starts
+    them with SIGINT ignored, and Python then never raises KeyboardInterrupt)."""
     return subprocess.Popen(
         [sys.executable, "-m", "llmcompressor_moe_plugins", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=_env(),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
