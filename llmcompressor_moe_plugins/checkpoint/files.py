@@ -6,11 +6,16 @@ import json
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from compressed_tensors.utils import match_name
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
+    "INDEX_NAME",
+    "shard_headers",
     "tensor_names",
     "read_tensors",
     "read_config",
@@ -26,21 +31,36 @@ EXPERT_TENSOR = re.compile(
 )
 
 
-def _shards(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.safetensors"))
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def shard_headers(directory: Path) -> dict[str, dict]:
+    """``{shard file: safetensors header}`` of the shards a checkpoint uses: those
+    its index names, else every ``*.safetensors`` file."""
+    from compressed_tensors.utils.safetensors_load import get_safetensors_header
+
+    index = directory / INDEX_NAME
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+    headers = {}
+    for name in files:
+        header = get_safetensors_header(str(directory / name))
+        header.pop("__metadata__", None)
+        headers[name] = header
+    return headers
 
 
 def tensor_names(directory: str | Path) -> dict[str, Path]:
-    """Every tensor name in the checkpoint's safetensors files -> its file (only
-    the headers are read)."""
-    from safetensors import safe_open
-
-    names: dict[str, Path] = {}
-    for shard in _shards(Path(directory)):
-        with safe_open(str(shard), "pt") as handle:
-            for name in handle.keys():
-                names[name] = shard
-    return names
+    """Every tensor name in the checkpoint's shards -> its file (only the headers
+    are read)."""
+    directory = Path(directory)
+    return {
+        name: directory / shard
+        for shard, header in shard_headers(directory).items()
+        for name in header
+    }
 
 
 def read_tensors(names: dict[str, Path], wanted: list[str]) -> dict[str, torch.Tensor]:

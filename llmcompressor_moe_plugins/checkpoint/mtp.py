@@ -51,6 +51,8 @@ from pathlib import Path
 
 from loguru import logger
 
+from .files import INDEX_NAME, shard_headers
+
 __all__ = [
     "MTP_SHARD_NAME",
     "copy_mtp_tensors",
@@ -59,7 +61,6 @@ __all__ = [
 ]
 
 MTP_SHARD_NAME = "model_mtp.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 1024**3
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _NOT_LINEAR = (".embed_tokens.weight",)
@@ -90,24 +91,6 @@ def mtp_linear_names(tensor_names) -> list[str]:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
-
-
-def _shard_headers(directory: Path) -> dict[str, dict]:
-    """``{shard file: safetensors header}`` of the shards a checkpoint uses: those
-    its index names, else every ``*.safetensors`` file."""
-    from compressed_tensors.utils.safetensors_load import get_safetensors_header
-
-    index = directory / INDEX_NAME
-    if index.is_file():
-        files = sorted(set(_read_json(index)["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in directory.glob("*.safetensors"))
-    headers = {}
-    for name in files:
-        header = get_safetensors_header(str(directory / name))
-        header.pop("__metadata__", None)
-        headers[name] = header
-    return headers
 
 
 def _tensor_bytes(entry: dict) -> int:
@@ -162,7 +145,7 @@ def copy_mtp_tensors(
         return []
 
     located: dict[str, tuple[str, int]] = {}
-    for shard, header in _shard_headers(source).items():
+    for shard, header in shard_headers(source).items():
         for name, entry in header.items():
             match = _LAYER.match(name)
             if match and int(match.group(1)) in layers:
@@ -179,7 +162,7 @@ def copy_mtp_tensors(
     previous = sorted(p.name for p in output_dir.glob("model_mtp*.safetensors"))
     headers = {
         shard: header
-        for shard, header in _shard_headers(output_dir).items()
+        for shard, header in shard_headers(output_dir).items()
         if shard not in previous
     }
     for name in previous:
