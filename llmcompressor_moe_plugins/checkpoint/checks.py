@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["QPARAM_NAMES", "check_quantized_tensors", "bad_quantized_tensors"]
+__all__ = [
+    "QPARAM_NAMES",
+    "qparam_problem",
+    "check_quantized_tensors",
+    "bad_quantized_tensors",
+]
 
 # float qparams; a float zero point may be any finite number, scales must be > 0
 SCALES = (
@@ -27,7 +32,10 @@ ZERO_POINTS = ("weight_zero_point", "input_zero_point", "output_zero_point")
 QPARAM_NAMES = SCALES + ZERO_POINTS
 
 
-def _problem(name: str, value: torch.Tensor) -> str | None:
+def qparam_problem(name: str, value: torch.Tensor) -> str | None:
+    """What is wrong with qparam ``name`` (``weight_scale``, ...) holding
+    ``value``: NaN, Inf, or for a scale a zero or negative value; None if nothing.
+    Any ``*_scale`` counts as a scale."""
     if not value.is_floating_point():
         return None  # integer zero points are always representable
     value = value.detach()
@@ -38,7 +46,7 @@ def _problem(name: str, value: torch.Tensor) -> str | None:
         return "NaN"
     if torch.isinf(values).any():
         return "Inf"
-    if name in SCALES:
+    if name in SCALES or name.endswith("_scale"):
         if (values == 0).any():
             return "a zero scale"
         if (values < 0).any():
@@ -57,7 +65,7 @@ def bad_quantized_tensors(model: torch.nn.Module) -> list[tuple[str, str]]:
             value = getattr(module, qparam, None)
             if not isinstance(value, torch.Tensor):
                 continue
-            problem = _problem(qparam, value)
+            problem = qparam_problem(qparam, value)
             if problem is not None:
                 bad.append((f"{name}.{qparam}", problem))
     return bad

@@ -23,8 +23,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
+from .checks import qparam_problem
 from .files import (
     EXPERT_TENSOR,
     linear_tensors,
@@ -175,9 +174,7 @@ def _bad_scales(names) -> list[str]:
     scales = [n for n in names if n.rsplit(".", 1)[-1].endswith(SCALE_SUFFIXES)]
     problems = []
     for name, value in read_tensors(names, scales).items():
-        if not value.is_floating_point():
-            continue
-        value = value.float()
-        if not torch.isfinite(value).all() or (value <= 0).any():
+        # the in-memory check's own rule (checks.py), on the saved tensors
+        if qparam_problem(name.rsplit(".", 1)[-1], value) is not None:
             problems.append(f"{name}: a scale that is not finite and > 0")
     return problems
