@@ -81,11 +81,14 @@ class ExpertSaveLayout:
     renamed_leaves: dict[str, str]
     transforms: tuple
 
+    def __post_init__(self):
+        # reverted once: checkpoint_name runs for every expert Linear
+        object.__setattr__(self, "_reverted", _reverted(self.transforms))
+
     def checkpoint_name(self, module_name: str) -> str:
         """The name ``save_pretrained`` writes for a module's tensors."""
-        return checkpoint_key(f"{module_name}.weight", self.transforms)[
-            : -len(".weight")
-        ]
+        key = _revert(f"{module_name}.weight", self._reverted)
+        return key[: -len(".weight")]
 
     def describe(self) -> str:
         if not self.renamed_leaves:
@@ -113,14 +116,23 @@ def _split(transforms) -> tuple[list, list]:
     return renamings, converters
 
 
+def _reverted(transforms) -> tuple[list, list]:
+    """The reversed transforms ``save_pretrained`` applies, as (renamings,
+    converters): ``revert_weight_conversion``'s order."""
+    return _split([t.reverse_transform() for t in list(transforms)[::-1]])
+
+
+def _revert(key: str, reverted: tuple[list, list]) -> str:
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters = reverted
+    return rename_source_key(key, renamings, converters, reverse=True)[0]
+
+
 def checkpoint_key(key: str, transforms) -> str:
     """``key`` as ``save_pretrained`` writes it (``revert_weight_conversion``'s
     renaming, without the tensors)."""
-    from transformers.core_model_loading import rename_source_key
-
-    reverse = [t.reverse_transform() for t in list(transforms)[::-1]]
-    renamings, converters = _split(reverse)
-    return rename_source_key(key, renamings, converters, reverse=True)[0]
+    return _revert(key, _reverted(transforms))
 
 
 def _ops(converter) -> list[tuple[str, int | None]]:
@@ -180,6 +192,7 @@ def plan_save_layout(
     transforms = conversions_for_save(model)
     renamings, converters = _split(transforms)
     per_expert: dict[tuple[str, str], str] = {}  # (prefix, checkpoint leaf) -> leaf
+    expert_converters: set[int] = set()  # replaced by per-expert renamings
     for container in containers:
         for fused, leaves in FUSED_LEAVES.items():
             fused_key = f"{container}.{fused}"
@@ -201,17 +214,13 @@ def plan_save_layout(
                 )
             if not all(parsed):
                 raise _refuse(family, f"{fused_key} has no per-expert source tensors")
+            expert_converters.add(id(converter))
             for match, leaf in zip(parsed, leaves, strict=True):
                 per_expert[(match["prefix"], match["leaf"])] = leaf
         if _has_bias(modules[container]):
             raise _refuse(family, f"{container} has expert biases")
     renamed = {
         leaf: original for (_, original), leaf in per_expert.items() if leaf != original
-    }
-    expert_converters = {
-        id(_converter_for(f"{c}.{f}", converters))
-        for c in containers
-        for f in FUSED_LEAVES
     }
     save_transforms = [t for t in transforms if id(t) not in expert_converters] + [
         WeightRenaming(
@@ -226,13 +235,12 @@ def plan_save_layout(
     )
     # transformers' own load renaming must take each written name to the fused
     # parameter it came from, or the checkpoint would not reload
-    load_renamings, _ = _split(transforms)
     for container in containers:
         for fused, leaves in FUSED_LEAVES.items():
             written = checkpoint_key(
                 f"{container}.0.{leaves[0]}.weight", save_transforms
             )
-            loaded, pattern = rename_source_key(written, load_renamings, converters)
+            loaded, pattern = rename_source_key(written, renamings, converters)
             if pattern is None or loaded != f"{container}.{fused}":
                 raise _refuse(
                     family,
