@@ -1,5 +1,6 @@
 """Calibration-mode quality: held-out perplexity and top-1 agreement with the
-unquantized model after W4A16 quantization of small GLM4-MoEs trained here.
+unquantized model after W4A16 (or W3A16, ``--algorithms gptq_w3``) quantization of
+small GLM4-MoEs trained here.
 
 Two models (``--kind``), so modes are not tuned to one model or one distribution:
 
@@ -52,7 +53,29 @@ EVAL_WINDOWS = 128
 BUDGETS = ("2x64", "32x64", "64x256", "256x256")
 MODES = ("routed", "all", "affinity:0.1+floor:16", "weighted:1", "weighted:2")
 ALGORITHMS = ("gptq", "awq")
-RECIPES = {"gptq": "glm4_moe_w4a16_gptq", "awq": "glm4_moe_w4a16_awq"}
+RECIPES = {
+    "gptq": "glm4_moe_w4a16_gptq",
+    "awq": "glm4_moe_w4a16_awq",
+    "gptq_w3": "glm4_moe_w4a16_gptq",  # the same recipe with 3-bit weights
+}
+SCHEME_LABELS = {
+    "gptq": "GPTQ W4A16 g128",
+    "awq": "AWQ W4A16 g128",
+    "gptq_w3": "GPTQ W3A16 g128",
+}
+# a harsher scheme, where calibration matters more (issue 22)
+W3A16_GROUPS = {
+    "group_0": {
+        "targets": ["Linear"],
+        "weights": {
+            "num_bits": 3,
+            "type": "int",
+            "symmetric": True,
+            "strategy": "group",
+            "group_size": 128,
+        },
+    }
+}
 
 
 def model_config(kind: str, vocab_size: int):
@@ -331,6 +354,10 @@ def recipe_file(algorithm: str, mode: str, directory: str) -> str:
         # the same GPTQ, with the Hessians weighted modes need (and shared ones in
         # mode all: the same statistics up to rounding)
         modifiers["SharedHessianGPTQModifier"] = modifiers.pop("GPTQModifier")
+    if algorithm == "gptq_w3":
+        gptq = modifiers["SharedHessianGPTQModifier"]
+        del gptq["scheme"]
+        gptq["config_groups"] = W3A16_GROUPS
     # starved experts under routed calibration: quantize them round-to-nearest and
     # report it, as a user would, instead of failing the run
     modifiers["MoECalibrationModifier"] = {**mode_settings(mode), "rtn_fallback": True}
@@ -579,7 +606,8 @@ def _stats(rs: list[dict], baseline: float) -> dict:
 
 
 def _table(algorithm, cell, modes, budgets) -> None:
-    print(f"\n{algorithm.upper()} W4A16: perplexity increase over unquantized, %")
+    label = SCHEME_LABELS.get(algorithm, algorithm)
+    print(f"\n{label}: perplexity increase over unquantized, %")
     print("mean [min..max over seeds]; top-1 agreement with unquantized, %")
     print("(mean, spread); time = mean oneshot s / routed's")
     print(f"{'mode':<22}" + "".join(f"{b:>40}" for b in budgets) + f"{'mean':>8}")
@@ -689,7 +717,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--budgets", nargs="+", default=list(BUDGETS))
     p.add_argument("--modes", nargs="+", default=list(MODES))
-    p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
+    p.add_argument(
+        "--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(RECIPES)
+    )
     p = commands.add_parser("report", help="print the table from a sweep's results")
     p.add_argument("results", nargs="+")
     p.add_argument("--timing", help="uncontended sweep whose times to use instead")

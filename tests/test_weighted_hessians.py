@@ -2,7 +2,9 @@
 ``quantize_weight`` (after every merge step), against float64 sums from that
 expert's own tokens. In a weighted mode: ``2 sum_t w_t x_t x_t^T`` for
 ``gate_proj``/``up_proj`` (shared by the two) and ``2 sum_t w_t h_t h_t^T`` for
-``down_proj``; in ``all`` mode (batched from the weights): ``2 X^T X`` of the
+``down_proj``, and with shrinkage (the default) those mixed with the block's
+all-token statistics by each expert's own share; in ``all`` mode (batched from the
+weights): ``2 X^T X`` of the
 block input for every expert's and the shared expert's input projections, and
 each expert's own ``2 H^T H`` for its ``down_proj``. Driven without oneshot:
 one calibrating forward of one GLM4-MoE block, then the layer's compression."""
@@ -17,7 +19,7 @@ from llmcompressor_moe_plugins import SharedHessianGPTQModifier, upstream
 from llmcompressor_moe_plugins.calibration.architectures.glm4_moe import (
     CalibrationGlm4MoeMoE,
 )
-from llmcompressor_moe_plugins.statistics import shared_hessian_gptq
+from llmcompressor_moe_plugins.statistics import stacked_gptq
 
 from .helpers import calibration_module, relative_error
 from .modules.test_glm4_moe import linearized_block
@@ -36,7 +38,7 @@ class SolveRecorder:
     def __init__(self, monkeypatch):
         self.pending = None
         self.solved: dict[torch.nn.Module, list[torch.Tensor]] = {}
-        for owner in (gptq_base, shared_hessian_gptq):
+        for owner in (gptq_base, stacked_gptq):
             monkeypatch.setattr(owner, "quantize_weight", self.quantize_weight)
             monkeypatch.setattr(
                 owner, "update_batch_qparams", self.update(owner.update_batch_qparams)
@@ -61,7 +63,7 @@ class SolveRecorder:
         return update_batch_qparams
 
 
-def calibrate_and_compress(module, x, observed: bool):
+def calibrate_and_compress(module, x, observed: bool) -> SharedHessianGPTQModifier:
     model = torch.nn.ModuleDict({"mlp": module})
     state = State(model=model)
     modifier = SharedHessianGPTQModifier(
@@ -81,14 +83,26 @@ def calibrate_and_compress(module, x, observed: bool):
         modifier.finalize(state)
     finally:
         upstream.end_run()
+    return modifier
 
 
-@pytest.mark.parametrize("observed", [False, True])
+def shrunk(own, weights, all_rows, width, share_of=None):
+    """The expected mix, float64: ``(1 - a) own / sum(w) + a 2 X^T X / N``."""
+    effective = weights.sum() ** 2 / (weights**2).sum()
+    share = width / (width + effective)
+    target = 2 * all_rows.t() @ all_rows / all_rows.shape[0]
+    return (1 - share) * own / weights.sum() + share * target, float(share)
+
+
+@pytest.mark.parametrize(
+    ("observed", "shrink"), [(False, False), (True, False), (False, True)]
+)
 def test_each_expert_is_solved_against_its_own_routing_weighted_hessians(
-    monkeypatch, observed
+    monkeypatch, observed, shrink
 ):
     """``observed``: GPTQ's own per-Linear hooks fire on the expert calls too, and
-    must add nothing."""
+    must add nothing. ``shrink``: the default shrinkage, each expert's share from
+    its own effective token count against the Linear's input width."""
     torch.manual_seed(0)
     block = linearized_block()
     x = torch.randn(45, 128)
@@ -103,11 +117,13 @@ def test_each_expert_is_solved_against_its_own_routing_weighted_hessians(
         CalibrationGlm4MoeMoE,
         block,
         block.config,
-        f"weighted:{POWER},prior:{PRIOR}",
+        f"weighted:{POWER},prior:{PRIOR}" + ("" if shrink else ",shrink:0"),
         floor=FLOOR,
     )
     recorder = SolveRecorder(monkeypatch)
-    calibrate_and_compress(module, x, observed)
+    modifier = calibrate_and_compress(module, x, observed)
+    shares = modifier.shrinkage_shares
+    assert bool(shares) == shrink
 
     experts = module.dispatcher.experts
     assert len(experts) == 16 and all(choice)  # the floor reaches every expert
@@ -121,6 +137,16 @@ def test_each_expert_is_solved_against_its_own_routing_weighted_hessians(
             rows @ weights[expert.up_proj].t()
         )
         down = 2 * (h * w[:, None]).t() @ h
+        if shrink:
+            rows = x.double()
+            h_all = F.silu(rows @ weights[expert.gate_proj].t()) * (
+                rows @ weights[expert.up_proj].t()
+            )
+            gate_up, gate_share = shrunk(gate_up, w, rows, 128)
+            down, down_share = shrunk(down, w, h_all, h.shape[1])
+            name = f"mlp.experts.{index}"
+            assert shares[f"{name}.gate_proj"] == pytest.approx(gate_share, rel=1e-5)
+            assert shares[f"{name}.down_proj"] == pytest.approx(down_share, rel=1e-5)
         for linear, expected in (
             (expert.gate_proj, gate_up),
             (expert.up_proj, gate_up),

@@ -154,6 +154,8 @@ class ExpertDispatcher(WeightComputedPaths):
         weighted = self._weighted_consumer(hidden_states) if calibrating else None
         if calibrating and weighted is None:
             self._log_once("calls", "calibrating forwards call each expert module")
+        if weighted is not None and hasattr(weighted, "observe_block_input"):
+            weighted.observe_block_input(self, hidden_states)  # all-token statistics
         extras = extra_token_indices(routed, selected)
         combined = torch.zeros_like(hidden_states)
         experts = self._callable_experts(hidden_states, calibrating)

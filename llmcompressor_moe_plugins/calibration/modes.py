@@ -8,7 +8,8 @@ routed outputs and the calibration statistics.
 Spelled in recipes, Python and on the CLI as ``"routed"``, ``"all"``,
 ``"top_k:N"`` / ``{"top_k": N}``, ``"min_tokens:K"`` / ``{"min_tokens": K}`` or
 ``"affinity"`` / ``"affinity:S"`` / ``{"affinity": S}`` or ``"weighted:P"`` /
-``"weighted:P,prior:L"`` / ``{"weighted": P, "prior": L}``.
+``"weighted:P,prior:L,shrink:S"`` / ``{"weighted": P, "prior": L, "shrink": S}``
+(options optional).
 
 A mode object is stateless and may be shared by many blocks; the state it needs
 (tokens calibrated so far, a random generator) belongs to each block's dispatcher.
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+
+from .floor import apply_floor
 
 __all__ = [
     "CalibrationMode",
@@ -171,6 +174,11 @@ class AffinitySampledMode(CalibrationMode):
 
 
 DEFAULT_PRIOR = 0.1
+# The prior's strength in tokens per input column: an expert's statistics weigh as
+# much as the block's all-token statistics where its effective token count equals
+# its input width, the fewest tokens that can give a full-rank Hessian.
+DEFAULT_SHRINK = 1.0
+MAX_SHRINK = 1e6
 
 
 @dataclass(frozen=True)
@@ -189,6 +197,16 @@ class WeightedMode(CalibrationMode):
     starved expert's Hessian comes from a prior: its highest-affinity unrouted
     tokens (the floor, on by default for this mode) at a small weight.
 
+    Shrinkage (``shrink``, on by default): an expert with few effective tokens
+    against a Linear's input width ``d`` has a rank-deficient Hessian, and GPTQ then
+    fits the few tokens it saw (issue 22: ``all`` beat routed-style statistics where
+    experts saw fewer tokens than their width). Each expert's Hessian is therefore
+    mixed, per expert and per Linear, with the block's all-token statistics (what
+    ``all`` mode would give that Linear): ``(1 - a) H_w / sum(w) + a H_all / N``
+    with ``a = S d / (S d + n_eff)`` and ``n_eff = sum(w)^2 / sum(w^2)`` the
+    expert's effective token count. Few tokens: close to ``all``; many: its own
+    (``statistics/shrinkage.py``). ``shrink:0`` turns it off.
+
     Weights exist only in Hessians that ``SharedHessianGPTQModifier`` accumulates
     itself; anything else (AWQ, range observers, plain ``GPTQModifier``) sees the
     mode's token choice, routed tokens plus the floor, unweighted.
@@ -196,6 +214,7 @@ class WeightedMode(CalibrationMode):
 
     power: float
     prior: float = DEFAULT_PRIOR
+    shrink: float = DEFAULT_SHRINK
     name: ClassVar[str] = "weighted"
 
     def __post_init__(self):
@@ -209,6 +228,12 @@ class WeightedMode(CalibrationMode):
                 f"Calibration mode {self.spec()!r}: the prior must be in (0, 1] "
                 "(the weight of a near-miss token relative to a routed one, e.g. "
                 "'weighted:2,prior:0.1')."
+            )
+        if not 0 <= self.shrink <= MAX_SHRINK:
+            raise ValueError(
+                f"Calibration mode {self.spec()!r}: shrink must be in "
+                f"[0, {MAX_SHRINK:g}] (tokens of the all-token prior per input "
+                "column; 0 turns shrinkage off, e.g. 'weighted:2,shrink:0')."
             )
 
     def select(self, routed, affinity, calibrated_so_far, generator):
@@ -230,7 +255,11 @@ class WeightedMode(CalibrationMode):
 
     def spec(self) -> str:
         text = f"weighted:{self.power:g}"
-        return text if self.prior == DEFAULT_PRIOR else f"{text},prior:{self.prior:g}"
+        if self.prior != DEFAULT_PRIOR:
+            text += f",prior:{self.prior:g}"
+        if self.shrink != DEFAULT_SHRINK:
+            text += f",shrink:{self.shrink:g}"
+        return text
 
 
 def any_weighted(specs) -> bool:
@@ -241,48 +270,13 @@ def any_weighted(specs) -> bool:
     )
 
 
-def apply_floor(
-    selected: torch.Tensor,
-    affinity: torch.Tensor | None,
-    calibrated_so_far: torch.Tensor,
-    floor: int,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """``selected`` topped up so every expert reaches ``floor`` tokens over the
-    pass (counting earlier forwards), with its highest-affinity unselected tokens;
-    where there is no affinity, with unselected tokens drawn uniformly from
-    ``generator``. An expert whose forward has fewer candidates takes them all.
-
-    :return: bool [tokens, experts], a superset of ``selected``
-    """
-    have = calibrated_so_far.to(selected.device) + selected.sum(dim=0)
-    missing = (floor - have).clamp(min=0)
-    starved = torch.nonzero(missing).flatten().tolist()
-    if not starved:
-        return selected
-    selected = selected.clone()
-    for expert in starved:
-        if affinity is not None:
-            ranking = affinity[:, expert].float()
-        else:
-            ranking = torch.rand(selected.shape[0], generator=generator).to(
-                selected.device
-            )
-        candidates = ranking.masked_fill(selected[:, expert], -torch.inf)
-        available = int((~selected[:, expert]).sum())
-        take = min(int(missing[expert]), available)
-        if take > 0:
-            selected[candidates.topk(take).indices, expert] = True
-    return selected
-
-
 MODE_NAMES = (
     "routed",
     "all",
     "top_k:N",
     "min_tokens:K",
     "affinity[:S]",
-    "weighted:P[,prior:L]",
+    "weighted:P[,prior:L][,shrink:S]",
 )
 _PARAMETRIZED = {"top_k": WidenedTopKMode, "min_tokens": MinTokensMode}
 
@@ -360,28 +354,33 @@ def _number(value: Any, what: str, spec: Any) -> float:
         ) from None
 
 
+_WEIGHTED_OPTIONS = ("prior", "shrink")
+
+
 def _weighted(text: str, spec: Any) -> WeightedMode:
     power_text, *options = text[len(WeightedMode.name) + 1 :].split(",")
     fields = {"power": _number(power_text.strip(), "the power", spec)}
     for option in options:
         key, _, value = option.partition(":")
-        if key.strip() != "prior":
+        key = key.strip()
+        if key not in _WEIGHTED_OPTIONS:
             raise ValueError(
-                f"Calibration mode {spec!r}: unknown option {key.strip()!r}; "
-                "weighted modes take only 'prior' (e.g. 'weighted:2,prior:0.1')."
+                f"Calibration mode {spec!r}: unknown option {key!r}; weighted "
+                "modes take 'prior' and 'shrink' (e.g. 'weighted:2,prior:0.1')."
             )
-        fields["prior"] = _number(value.strip(), "the prior", spec)
+        fields[key] = _number(value.strip(), f"the {key}", spec)
     return WeightedMode(**fields)
 
 
 def _weighted_from_dict(spec: dict) -> WeightedMode:
-    unknown = set(spec) - {WeightedMode.name, "prior"}
+    unknown = set(spec) - {WeightedMode.name, *_WEIGHTED_OPTIONS}
     if unknown:
         raise ValueError(
             f"Calibration mode {spec!r}: unknown key(s) {sorted(unknown)}; a weighted "
-            "mode is {'weighted': P} or {'weighted': P, 'prior': L}."
+            "mode is {'weighted': P} with optional 'prior' and 'shrink' keys."
         )
     fields = {"power": _number(spec[WeightedMode.name], "the power", spec)}
-    if "prior" in spec:
-        fields["prior"] = _number(spec["prior"], "the prior", spec)
+    for key in _WEIGHTED_OPTIONS:
+        if key in spec:
+            fields[key] = _number(spec[key], f"the {key}", spec)
     return WeightedMode(**fields)

@@ -13,7 +13,9 @@ Blocks in a weighted mode (``weighted:P``, see ``modes.WeightedMode``) get
 routing-weighted Hessians, accumulated here: each expert's ``gate_proj`` and
 ``up_proj`` share one Hessian ``2 sum_t w_t x_t x_t^T`` of the expert's own
 tokens, and ``down_proj`` gets its own from the same forward. Only this modifier
-knows the weights, so those Linears skip GPTQ's per-Linear hooks.
+knows the weights, so those Linears skip GPTQ's per-Linear hooks. Each expert's
+Hessians are shrunk toward the block's all-token statistics by how few effective
+tokens it saw (``shrinkage``).
 
 With ``batched_expert_statistics`` (default on), all-mode blocks compute every
 expert from its weights and hand each ``down_proj`` input straight here (see
@@ -28,16 +30,13 @@ from __future__ import annotations
 import torch
 from compressed_tensors.offload import disable_offloading
 from compressed_tensors.offload.dist_utils import is_distributed
-from compressed_tensors.quantization import QuantizationStrategy
 from compressed_tensors.utils import getattr_chain
 from llmcompressor.core import Event, State
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.gptq import GPTQModifier
-from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 from llmcompressor.modifiers.gptq.helpers import (
     GPTQ_PRECISION,
     accumulate_hessian,
-    update_batch_qparams,
 )
 from loguru import logger
 from pydantic import Field, PrivateAttr
@@ -50,12 +49,10 @@ from ..calibration.routing import NOT_GATED_MLPS
 from ..upstream import gptq, module_hooks
 from .budgeted_statistics import ExpertBudget
 from .shared_reduction import compress_shared_hessians
+from .shrinkage import Shrinkage
+from .stacked_gptq import compress_stacked, row_stackable
 
 __all__ = ["SharedHessianGPTQModifier", "with_shared_hessian_gptq"]
-
-# Per-row scales let many Linears be quantized as one tall matrix against one
-# Hessian; per-tensor scales (TENSOR, TENSOR_GROUP e.g. NVFP4) cannot be stacked so.
-_ROW_STACKABLE = (QuantizationStrategy.CHANNEL, QuantizationStrategy.GROUP)
 
 
 class SharedHessianGPTQModifier(GPTQModifier):
@@ -99,6 +96,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
         default_factory=dict
     )
     _budget: ExpertBudget = PrivateAttr(default_factory=ExpertBudget)
+    _shrinkage: Shrinkage = PrivateAttr(default_factory=Shrinkage)
 
     def on_initialize(self, state: State, **kwargs) -> bool:
         upstream.begin_run()
@@ -164,8 +162,18 @@ class SharedHessianGPTQModifier(GPTQModifier):
             if mlp.down_proj in targeted:
                 self._weighted_members.add(mlp.down_proj)
         self._budget.add_block(self, dispatcher.name, mlps)
+        if is_distributed():  # the totals and targets are not reduced across ranks
+            logger.warning(f"{dispatcher.name}: no shrinkage under torchrun")
+        else:
+            self._shrinkage.add_block(dispatcher, mlps, block.calibration_mode.shrink)
         self._consume_for(dispatcher)
         return True
+
+    @property
+    def shrinkage_shares(self) -> dict[str, float]:
+        """Per expert Linear solved in a weighted mode, the all-token statistics'
+        share in its Hessian (``shrinkage``)."""
+        return dict(self._shrinkage.shares)
 
     def release_weighted(self, mlps: list[GatedMLP]) -> None:
         """The dispatcher cannot weight these experts (the default mode on experts
@@ -237,6 +245,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
         [n, intermediate] and each token's weight [n]: adds ``2 sum w x x^T`` to
         the expert's input Hessian and to its ``down_proj`` Hessian."""
         group = mlp.gate_proj
+        self._shrinkage.add_weights(mlp, weights)
         if group in self._shared_members:
             if group not in self._shared_hessians:
                 self._shared_hessians[group] = gptq.zero_hessian(
@@ -247,6 +256,10 @@ class SharedHessianGPTQModifier(GPTQModifier):
             self._shared_num_samples[group] += 1
         if mlp.down_proj in self._weighted_members:
             self._consume_rows(mlp.down_proj, intermediate, weights)
+
+    def observe_block_input(self, dispatcher, hidden_states: torch.Tensor) -> None:
+        """A weighted block's whole input of one calibrating forward."""
+        self._shrinkage.observe(dispatcher, hidden_states)
 
     def record_weighted(self, mlp, hidden_states, index, routed, weights) -> bool:
         """Keep what rebuilds these statistics if the layer is planned in groups."""
@@ -281,8 +294,11 @@ class SharedHessianGPTQModifier(GPTQModifier):
         for _ in self._budget.rebuild_groups(self):  # layers over the budget
             self._compress_pending()
         self._compress_pending()
+        self._shrinkage.end_pass()
 
     def _compress_pending(self):
+        with disable_offloading():
+            self._shrinkage.apply(self, gptq.module_names(self))
         self._merge_consumed_statistics()
         if is_distributed():
             # one reduction per shared Hessian onto an owning rank, not one per
@@ -304,57 +320,11 @@ class SharedHessianGPTQModifier(GPTQModifier):
             self._compress_shared(members, hessian / num_samples)
         super().compress_modules()
 
-    @staticmethod
-    def _row_stackable(members: list[torch.nn.Module]) -> bool:
-        first = getattr_chain(members[0], "quantization_scheme.weights")
-        return first.strategy in _ROW_STACKABLE and all(
-            getattr_chain(m, "quantization_scheme.weights") == first
-            and m.weight.shape[1] == members[0].weight.shape[1]
-            for m in members
-        )
+    def _row_stackable(self, members: list[torch.nn.Module]) -> bool:
+        return row_stackable(members)
 
-    def _compress_shared(
-        self, members: list[torch.nn.Module], hessian: torch.Tensor
-    ) -> None:
-        quant_args = getattr_chain(members[0], "quantization_scheme.weights")
-        chunks, rows = [[]], 0
-        for member in members:
-            if chunks[-1] and rows + member.weight.shape[0] > self.rows_per_call:
-                chunks.append([])
-                rows = 0
-            chunks[-1].append(member)
-            rows += member.weight.shape[0]
-        for chunk in chunks:
-            qparams = [m.weight_observer.get_qparams() for m in chunk]
-            with torch.no_grad(), disable_offloading():
-                weights = torch.cat([m.weight for m in chunk]).to(GPTQ_PRECISION)
-                scale = torch.cat([q["scale"] for q in qparams])
-                zero_point = torch.cat([q["zero_point"] for q in qparams])
-                quantized, losses, used_rtn = quantize_weight(
-                    weights=weights.unsqueeze(0),
-                    hessians=hessian.clone().unsqueeze(0),
-                    scale=scale.unsqueeze(0),
-                    zero_point=zero_point.unsqueeze(0),
-                    global_scale=None,
-                    quant_args=quant_args,
-                    blocksize=self.block_size,
-                    percdamp=self.dampening_frac,
-                )
-                sizes = [m.weight.shape[0] for m in chunk]
-                names = [gptq.module_names(self)[m] for m in chunk]
-                gptq.record_compressed(self, names, bool(used_rtn[0].item()))
-                update_batch_qparams(
-                    chunk,
-                    quantized[0].split(sizes),
-                    scale.split(sizes),
-                    zero_point.split(sizes),
-                    None,
-                    quant_args,
-                )
-            logger.debug(  # one per expert chunk per layer: -v only
-                f"Quantized {len(chunk)} module(s) against one shared Hessian "
-                f"(GPTQ loss {losses[0].item():.4g}): {names[0]} ... {names[-1]}"
-            )
+    def _compress_shared(self, members: list, hessian: torch.Tensor) -> None:
+        compress_stacked(self, members, hessian)
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if self._shared_hessians:
@@ -369,6 +339,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
         self._member_of.clear()
         self._weighted_members.clear()
         self._budget = ExpertBudget()
+        self._shrinkage = Shrinkage(shares=self._shrinkage.shares)
         finalized = super().on_finalize(state, **kwargs)
         upstream.end_run_outside_oneshot()
         return finalized

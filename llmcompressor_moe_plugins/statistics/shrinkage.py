@@ -1,0 +1,197 @@
+"""Shrinking an expert's routing-weighted Hessians toward its block's all-token
+statistics, by how few effective tokens the expert saw against the Linear's input
+width (``WeightedMode.shrink``).
+
+Per expert and per Linear (``gate_proj``/``up_proj`` share one input width, the
+hidden size; ``down_proj``'s is the expert's width ``d``)::
+
+    H = (1 - a) * H_w / sum(w) + a * H_all / N,   a = S d / (S d + n_eff)
+
+``H_w = 2 sum_t w_t x_t x_t^T`` over the expert's tokens (routed and floor),
+``n_eff = sum(w)^2 / sum(w^2)`` their effective count (a few heavy tokens count as
+few), and ``H_all / N`` the per-token all-token Hessian that ``all`` mode gives the
+same Linear. An expert with no tokens is calibrated as ``all`` would; one with many
+times its width as its own tokens say. ``a`` is decided when the layer is solved,
+from the whole pass's counts.
+
+The all-token statistics cost little: ``gate_proj``/``up_proj`` see the block input
+itself, one ``hidden x hidden`` sum per block over every token; ``down_proj``'s are
+computed at compression, one expert at a time, from the first
+``DOWN_TARGET_ROWS_PER_COLUMN x d`` tokens of the pass (every token where the budget
+is smaller, so small budgets get exactly ``all``'s statistics): the block keeps
+those rows, not a Hessian per expert, so the per-expert memory plan is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION
+
+__all__ = [
+    "DOWN_TARGET_ROWS_PER_COLUMN",
+    "BlockTarget",
+    "WeightTotals",
+    "shrinkage_weight",
+    "shrunk",
+]
+
+# rows kept per down_proj input column for its all-token target: enough for a
+# well-conditioned estimate; small against large budgets, whose experts get little
+# of the target anyway
+DOWN_TARGET_ROWS_PER_COLUMN = 8
+_CHUNK_ROWS = 8192
+
+
+def shrinkage_weight(
+    width: int, weight_sum: torch.Tensor, weight_sq_sum: torch.Tensor, strength: float
+) -> torch.Tensor:
+    """``a = S d / (S d + n_eff)``, the all-token statistics' share (0-d tensor)."""
+    tiny = torch.finfo(torch.float64).tiny
+    effective = weight_sum.double() ** 2 / weight_sq_sum.double().clamp(min=tiny)
+    prior = strength * width
+    return prior / (prior + effective)
+
+
+def shrunk(
+    hessian: torch.Tensor,
+    weight_sum: torch.Tensor,
+    target: torch.Tensor,
+    share: torch.Tensor,
+) -> torch.Tensor:
+    """``(1 - a) * hessian / weight_sum + a * target`` (``target`` per token)."""
+    dtype = hessian.dtype
+    own = hessian / weight_sum.to(dtype).clamp(min=torch.finfo(dtype).tiny)
+    return torch.lerp(own, target.to(dtype), share.to(dtype))
+
+
+@dataclass
+class WeightTotals:
+    """One expert's ``sum(w)`` and ``sum(w^2)`` over the pass (on the device)."""
+
+    sums: torch.Tensor | None = None
+
+    def add(self, weights: torch.Tensor) -> None:
+        weights = weights.to(GPTQ_PRECISION)
+        step = torch.stack([weights.sum(), (weights * weights).sum()])
+        self.sums = step if self.sums is None else self.sums + step
+
+    def share(self, width: int, strength: float) -> torch.Tensor:
+        return shrinkage_weight(width, self.sums[0], self.sums[1], strength)
+
+
+@dataclass
+class BlockTarget:
+    """A weighted block's all-token statistics for one pass: ``2 X^T X`` of every
+    block input row, and the first rows, for ``down_proj``'s targets."""
+
+    strength: float
+    max_rows: int
+    hessian: torch.Tensor | None = None
+    tokens: int = 0
+    rows: list[torch.Tensor] = field(default_factory=list)
+    kept: int = 0
+
+    def observe(self, hidden_states: torch.Tensor) -> None:
+        """One calibrating forward's block input [tokens, hidden]."""
+        rows = hidden_states.detach().to(GPTQ_PRECISION)
+        if self.hessian is None:
+            width = rows.shape[-1]
+            self.hessian = torch.zeros(
+                width, width, dtype=GPTQ_PRECISION, device=rows.device
+            )
+        self.hessian.addmm_(rows.t(), rows, alpha=2.0)
+        self.tokens += rows.shape[0]
+        take = min(self.max_rows - self.kept, hidden_states.shape[0])
+        if take > 0:
+            self.rows.append(hidden_states.detach()[:take].clone())
+            self.kept += take
+
+    def input_target(self) -> torch.Tensor:
+        """Per-token all-token Hessian of the block input."""
+        return self.hessian / self.tokens
+
+    def down_target(self, mlp) -> torch.Tensor:
+        """Per-token all-token Hessian of ``mlp.down_proj``'s input, from the kept
+        rows, as ``all`` mode would accumulate it."""
+        width = mlp.down_proj.weight.shape[1]
+        device = self.rows[0].device
+        hessian = torch.zeros(width, width, dtype=GPTQ_PRECISION, device=device)
+        with torch.no_grad():
+            for rows in self.rows:
+                for chunk in rows.split(_CHUNK_ROWS):
+                    inner = mlp.intermediate(chunk).to(GPTQ_PRECISION)
+                    hessian.addmm_(inner.t(), inner, alpha=2.0)
+        return hessian / self.kept
+
+
+@dataclass
+class Shrinkage:
+    """``SharedHessianGPTQModifier``'s shrinkage state: a target per weighted block
+    whose mode shrinks, each expert's weight totals, and the shares applied (by
+    Linear name, for reports and tests)."""
+
+    targets: dict[object, BlockTarget] = field(default_factory=dict)
+    # an expert's gate_proj -> (its block's dispatcher, the expert)
+    expert_of: dict[torch.nn.Module, tuple[object, object]] = field(
+        default_factory=dict
+    )
+    totals: dict[torch.nn.Module, WeightTotals] = field(default_factory=dict)
+    shares: dict[str, float] = field(default_factory=dict)
+
+    def add_block(self, dispatcher, mlps: list, strength: float) -> None:
+        if strength == 0:
+            return
+        widest = max(mlp.down_proj.weight.shape[1] for mlp in mlps)
+        self.targets[dispatcher] = BlockTarget(
+            strength, DOWN_TARGET_ROWS_PER_COLUMN * widest
+        )
+        for mlp in mlps:
+            self.expert_of[mlp.gate_proj] = (dispatcher, mlp)
+
+    def observe(self, dispatcher, hidden_states: torch.Tensor) -> None:
+        target = self.targets.get(dispatcher)
+        if target is not None:
+            target.observe(hidden_states)
+
+    def add_weights(self, mlp, weights: torch.Tensor) -> None:
+        if mlp.gate_proj in self.expert_of:
+            self.totals.setdefault(mlp.gate_proj, WeightTotals()).add(weights)
+
+    def apply(self, modifier, names: dict) -> None:
+        """Mix every pending expert's Hessians (the modifier's shared input
+        Hessians and consumed ``down_proj`` Hessians) with its block's targets."""
+        for gate_proj in list(self.totals):
+            totals = self.totals.pop(gate_proj)
+            dispatcher, mlp = self.expert_of[gate_proj]
+            target = self.targets[dispatcher]
+            weight_sum = totals.sums[0]
+            if gate_proj in modifier._shared_hessians:
+                share = totals.share(gate_proj.weight.shape[1], target.strength)
+                modifier._shared_hessians[gate_proj] = shrunk(
+                    modifier._shared_hessians[gate_proj],
+                    weight_sum,
+                    target.input_target(),
+                    share,
+                )
+                modifier._shared_num_samples[gate_proj] = torch.ones_like(
+                    modifier._shared_num_samples[gate_proj]
+                )
+                self.shares[names[gate_proj]] = float(share)
+            down = mlp.down_proj
+            if down in modifier._consumed_hessians:
+                share = totals.share(down.weight.shape[1], target.strength)
+                modifier._consumed_hessians[down] = shrunk(
+                    modifier._consumed_hessians[down],
+                    weight_sum,
+                    target.down_target(mlp),
+                    share,
+                )
+                modifier._consumed_num_samples[down] = 1
+                self.shares[names[down]] = float(share)
+
+    def end_pass(self) -> None:
+        """Every observed block was solved: the next pass starts empty."""
+        for dispatcher, target in self.targets.items():
+            self.targets[dispatcher] = BlockTarget(target.strength, target.max_rows)
