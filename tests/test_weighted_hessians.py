@@ -104,7 +104,8 @@ def test_each_expert_is_solved_against_its_own_routing_weighted_hessians(
     must add nothing. ``shrink``: the default shrinkage, each expert's share from
     its own effective token count against the Linear's input width."""
     torch.manual_seed(0)
-    block = linearized_block()
+    # experts wider than the hidden size: the two shares differ
+    block = linearized_block(moe_intermediate_size=256)
     x = torch.randn(45, 128)
     weights = {
         m: m.weight.detach().double().clone()

@@ -1,0 +1,129 @@
+"""Shrinkage of weighted per-expert Hessians toward the block's all-token statistics
+(``statistics/shrinkage.py``): the share is decided per expert from its effective
+token count, a prior that outweighs every expert's tokens calibrates exactly as
+``all`` mode does, and the ``down_proj`` target keeps only its first rows. The
+Hessians themselves are checked against float64 sums in test_weighted_hessians."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from llmcompressor import oneshot
+from transformers import AutoModelForCausalLM
+
+from llmcompressor_moe_plugins import (
+    MoECalibrationModifier,
+    SharedHessianGPTQModifier,
+    last_coverage_report,
+)
+from llmcompressor_moe_plugins.calibration.batched_experts import GatedMLP
+from llmcompressor_moe_plugins.statistics.shrinkage import (
+    BlockTarget,
+    WeightTotals,
+    shrinkage_weight,
+)
+from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
+
+from .helpers import relative_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def quantize(glm4_dir, tokenizer, data, mode):
+    model = AutoModelForCausalLM.from_pretrained(glm4_dir)
+    gptq = SharedHessianGPTQModifier(
+        targets=["Linear"], scheme="W4A16", ignore=["lm_head"]
+    )
+    with cpu_only_calibration():
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            dataset=data,
+            recipe=[MoECalibrationModifier(mode=mode), gptq],
+            num_calibration_samples=len(data),
+            max_seq_length=64,
+            shuffle_calibration_samples=False,
+        )
+    return model, gptq
+
+
+def expert_weights(model) -> dict[str, torch.Tensor]:
+    return {
+        name: module.weight.detach().clone()
+        for name, module in model.named_modules()
+        if ".experts." in name and isinstance(module, torch.nn.Linear)
+    }
+
+
+def test_the_share_falls_as_the_effective_token_count_rises():
+    width = 128
+    sums = [torch.tensor(v, dtype=torch.float64) for v in (0.0, 1.0, 64.0, 1e6)]
+    # n tokens of equal weight w: n_eff = n, whatever w
+    shares = [float(shrinkage_weight(width, n * 0.3, n * 0.09, 1.0)) for n in sums[1:]]
+    assert shares == pytest.approx([128 / 129, 128 / 192, 128 / (128 + 1e6)])
+    assert float(shrinkage_weight(width, sums[0], sums[0], 1.0)) == 1.0  # no tokens
+    # one heavy token among light ones counts as few
+    totals = WeightTotals()
+    totals.add(torch.tensor([1.0] + [1e-3] * 99))
+    assert float(totals.share(width, 1.0)) > 128 / (128 + 2)
+    # the strength scales the prior: 4 tokens per column
+    assert float(shrinkage_weight(width, sums[2], sums[2], 4.0)) == pytest.approx(
+        512 / 576
+    )
+
+
+def test_the_down_proj_target_keeps_only_the_first_rows():
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(*shape, bias=False) for shape in ((8, 4),) * 2]
+    down = torch.nn.Linear(4, 8, bias=False)
+    mlp = GatedMLP(*linears, down, lambda g, u: F.silu(g) * u)
+    target = BlockTarget(strength=1.0, max_rows=10)
+    forwards = [torch.randn(6, 8) for _ in range(3)]
+    for x in forwards:
+        target.observe(x)
+    assert target.kept == 10 and target.tokens == 18
+    every = torch.cat(forwards).double()
+    assert relative_error(target.input_target(), 2 * every.t() @ every / 18) < 1e-6
+    first = every[:10]
+    h = F.silu(first @ linears[0].weight.double().t()) * (
+        first @ linears[1].weight.double().t()
+    )
+    assert relative_error(target.down_target(mlp), 2 * h.t() @ h / 10) < 1e-6
+
+
+def test_each_expert_gets_its_own_share(glm4_dir, tokenizer, calibration_data):
+    _, gptq = quantize(glm4_dir, tokenizer, calibration_data, "weighted:2")
+    shares = gptq.shrinkage_shares
+    report = last_coverage_report()
+    for block in report.blocks:
+        layer = block.name.rsplit(".mlp", 1)[0]
+        by_tokens = sorted(
+            (tokens, shares[f"{layer}.mlp.experts.{index}.down_proj"])
+            for index, tokens in enumerate(block.calibrated)
+        )
+        assert len(by_tokens) == 16
+        # the expert with the fewest tokens leans most on the block's statistics
+        assert by_tokens[0][1] > by_tokens[-1][1], by_tokens
+    # gate/up (input width 128, the hidden size) and down_proj differ per Linear
+    assert len(set(shares.values())) > 16
+
+
+def test_a_prior_outweighing_every_expert_calibrates_as_all(
+    glm4_dir, tokenizer, calibration_data
+):
+    """shrink 1e6: every share is 1 - O(1e-6), so each expert is solved against
+    the block's all-token statistics, which is what ``all`` mode solves against
+    (its down_proj targets hold every token here: 8 x 64 rows < 8 x width)."""
+    shrunk, _ = quantize(glm4_dir, tokenizer, calibration_data, "weighted:2,shrink:1e6")
+    everything, _ = quantize(glm4_dir, tokenizer, calibration_data, "all")
+    routed, _ = quantize(glm4_dir, tokenizer, calibration_data, "weighted:2,shrink:0")
+    shrunk, everything, routed = map(expert_weights, (shrunk, everything, routed))
+    differ_from_all = sum(
+        int((shrunk[n] != everything[n]).sum()) for n in everything
+    ) / sum(w.numel() for w in everything.values())
+    differ_unshrunk = sum(
+        int((routed[n] != everything[n]).sum()) for n in everything
+    ) / sum(w.numel() for w in everything.values())
+    # the same Hessians up to fp32 summation order: only rounding ties flip
+    assert differ_from_all < 0.01, differ_from_all
+    # and the check has teeth: unshrunk weighted statistics give other weights
+    assert differ_unshrunk > 0.2, differ_unshrunk
