@@ -162,10 +162,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
             if mlp.down_proj in targeted:
                 self._weighted_members.add(mlp.down_proj)
         self._budget.add_block(self, dispatcher.name, mlps)
-        if is_distributed():  # the totals and targets are not reduced across ranks
-            logger.warning(f"{dispatcher.name}: no shrinkage under torchrun")
-        else:
-            self._shrinkage.add_block(dispatcher, mlps, block.calibration_mode.shrink)
+        self._shrinkage.add_block(dispatcher, mlps, block.calibration_mode.shrink)
         self._consume_for(dispatcher)
         return True
 

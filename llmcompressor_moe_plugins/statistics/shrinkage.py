@@ -27,7 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from compressed_tensors.offload.dist_utils import is_distributed
 from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION
+
+from ..distributed.collectives import all_reduce_counts
+from ..distributed.launch import world
 
 __all__ = [
     "DOWN_TARGET_ROWS_PER_COLUMN",
@@ -115,6 +119,10 @@ class BlockTarget:
     def down_target(self, mlp) -> torch.Tensor:
         """Per-token all-token Hessian of ``mlp.down_proj``'s input, from the kept
         rows, as ``all`` mode would accumulate it."""
+        return self.down_sum(mlp) / self.kept
+
+    def down_sum(self, mlp) -> torch.Tensor:
+        """``2 H^T H`` of ``mlp.down_proj``'s inputs over the kept rows."""
         width = mlp.down_proj.weight.shape[1]
         device = self.rows[0].device
         hessian = torch.zeros(width, width, dtype=GPTQ_PRECISION, device=device)
@@ -123,7 +131,7 @@ class BlockTarget:
                 for chunk in rows.split(_CHUNK_ROWS):
                     inner = mlp.intermediate(chunk).to(GPTQ_PRECISION)
                     hessian.addmm_(inner.t(), inner, alpha=2.0)
-        return hessian / self.kept
+        return hessian
 
 
 @dataclass
@@ -161,35 +169,93 @@ class Shrinkage:
 
     def apply(self, modifier, names: dict) -> None:
         """Mix every pending expert's Hessians (the modifier's shared input
-        Hessians and consumed ``down_proj`` Hessians) with its block's targets."""
-        for gate_proj in list(self.totals):
-            totals = self.totals.pop(gate_proj)
+        Hessians and consumed ``down_proj`` Hessians) with its block's targets.
+
+        Under torchrun each rank holds part of every sum, and the ranks' Hessians
+        are summed later (``shared_reduction``, upstream's GPTQ path): so each rank
+        mixes its own parts with the global totals and counts, and only rank 0
+        counts a sample, which makes the sum the one-process mix."""
+        if is_distributed():
+            # every expert of the blocks this pass observed, also those without
+            # tokens on this rank: their targets' parts are here too
+            experts = [
+                g for g, (d, _) in self.expert_of.items() if self.targets[d].tokens
+            ]
+        else:
+            experts = list(self.totals)
+        totals, counts = self._global(experts)
+        sample = 1.0 if world()[0] == 0 else 0.0
+        for gate_proj, (weight_sum, weight_sq_sum) in zip(experts, totals, strict=True):
+            self.totals.pop(gate_proj, None)
+            if not weight_sum > 0:  # no token on any rank: nothing to solve
+                continue
             dispatcher, mlp = self.expert_of[gate_proj]
             target = self.targets[dispatcher]
-            weight_sum = totals.sums[0]
-            if gate_proj in modifier._shared_hessians:
-                share = totals.share(gate_proj.weight.shape[1], target.strength)
-                modifier._shared_hessians[gate_proj] = shrunk(
-                    modifier._shared_hessians[gate_proj],
-                    weight_sum,
-                    target.input_target(),
-                    share,
+            tokens, kept = counts[dispatcher]
+            weights = (weight_sum, weight_sq_sum, target.strength)
+            if gate_proj in modifier._shared_members:
+                share = self._mix(
+                    modifier._shared_hessians,
+                    gate_proj,
+                    weights,
+                    target.hessian / tokens,
                 )
-                modifier._shared_num_samples[gate_proj] = torch.ones_like(
-                    modifier._shared_num_samples[gate_proj]
+                modifier._shared_num_samples[gate_proj] = torch.tensor(
+                    sample, device=target.hessian.device
                 )
-                self.shares[names[gate_proj]] = float(share)
+                self.shares[names[gate_proj]] = share
             down = mlp.down_proj
-            if down in modifier._consumed_hessians:
-                share = totals.share(down.weight.shape[1], target.strength)
-                modifier._consumed_hessians[down] = shrunk(
-                    modifier._consumed_hessians[down],
-                    weight_sum,
-                    target.down_target(mlp),
-                    share,
+            if down in modifier._weighted_members:
+                share = self._mix(
+                    modifier._consumed_hessians,
+                    down,
+                    weights,
+                    target.down_sum(mlp) / kept,
                 )
-                modifier._consumed_num_samples[down] = 1
-                self.shares[names[down]] = float(share)
+                modifier._consumed_num_samples[down] = sample
+                self.shares[names[down]] = share
+
+    @staticmethod
+    def _mix(hessians: dict, linear, weights: tuple, target: torch.Tensor) -> float:
+        """``hessians[linear]`` (zeros where this rank has none) mixed with the
+        per-token ``target``; returns the target's share."""
+        weight_sum, weight_sq_sum, strength = weights
+        width = linear.weight.shape[1]
+        share = shrinkage_weight(
+            width, torch.tensor(weight_sum), torch.tensor(weight_sq_sum), strength
+        )
+        own = hessians.get(linear)
+        if own is None:
+            own = torch.zeros_like(target)
+        hessians[linear] = shrunk(own, torch.tensor(weight_sum), target, share)
+        return float(share)
+
+    def _global(self, experts: list) -> tuple[list, dict]:
+        """Per expert (sum w, sum w^2), per block (tokens, kept rows): this
+        rank's, or under torchrun the sums over all ranks (one all-reduce)."""
+        sums = [
+            self.totals[g].sums.double().cpu()
+            if g in self.totals
+            else torch.zeros(2, dtype=torch.float64)
+            for g in experts
+        ]
+        sizes = [float(x) for t in self.targets.values() for x in (t.tokens, t.kept)]
+        flat = all_reduce_counts(
+            torch.cat([*sums, torch.tensor(sizes, dtype=torch.float64)])
+        ).tolist()
+        totals = list(
+            zip(
+                flat[0 : 2 * len(experts) : 2],
+                flat[1 : 2 * len(experts) : 2],
+                strict=True,
+            )
+        )
+        rest = flat[2 * len(experts) :]
+        counts = {
+            dispatcher: (rest[2 * i], rest[2 * i + 1])
+            for i, dispatcher in enumerate(self.targets)
+        }
+        return totals, counts
 
     def end_pass(self) -> None:
         """Every observed block was solved: the next pass starts empty."""
