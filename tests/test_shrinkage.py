@@ -127,3 +127,47 @@ def test_a_prior_outweighing_every_expert_calibrates_as_all(
     assert differ_from_all < 0.01, differ_from_all
     # and the check has teeth: unshrunk weighted statistics give other weights
     assert differ_unshrunk > 0.2, differ_unshrunk
+
+
+def test_expert_groups_solved_in_batches_equal_one_at_a_time(
+    glm4_dir, tokenizer, calibration_data, monkeypatch
+):
+    """The weighted experts' gate/up stacks go to GPTQ batched (as upstream batches
+    same-shape modules): four experts a call with ``batched_quantization: 4``, one
+    with ``None``, and the same weights either way."""
+    from llmcompressor_moe_plugins.statistics import stacked_gptq
+
+    calls = []
+    original = stacked_gptq.quantize_weight
+
+    def counting(**kwargs):
+        calls.append(kwargs["weights"].shape[0])
+        return original(**kwargs)
+
+    monkeypatch.setattr(stacked_gptq, "quantize_weight", counting)
+    runs = {}
+    for setting in (None, 4):
+        calls.clear()
+        model = AutoModelForCausalLM.from_pretrained(glm4_dir)
+        gptq = SharedHessianGPTQModifier(
+            targets=["Linear"],
+            scheme="W4A16",
+            ignore=["lm_head"],
+            batched_quantization=setting,
+        )
+        with cpu_only_calibration():
+            oneshot(
+                model=model,
+                processor=tokenizer,
+                dataset=calibration_data,
+                recipe=[MoECalibrationModifier(), gptq],
+                num_calibration_samples=len(calibration_data),
+                max_seq_length=64,
+                shuffle_calibration_samples=False,
+            )
+        runs[setting] = (expert_weights(model), list(calls))
+    (one, one_calls), (batched, batched_calls) = runs[None], runs[4]
+    assert one_calls == [1] * 32  # 16 experts in each of 2 MoE layers
+    assert batched_calls == [4] * 8
+    for name in one:
+        assert torch.equal(one[name], batched[name]), name

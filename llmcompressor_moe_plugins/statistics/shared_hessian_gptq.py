@@ -50,7 +50,7 @@ from ..upstream import gptq, module_hooks
 from .budgeted_statistics import ExpertBudget
 from .shared_reduction import compress_shared_hessians
 from .shrinkage import Shrinkage
-from .stacked_gptq import compress_stacked, row_stackable
+from .stacked_gptq import compress_stacked_groups, row_stackable
 
 __all__ = ["SharedHessianGPTQModifier", "with_shared_hessian_gptq"]
 
@@ -303,25 +303,21 @@ class SharedHessianGPTQModifier(GPTQModifier):
             compress_shared_hessians(self)
             return super().compress_modules()
         hessians, counts = gptq.statistics(self)
+        stacked = []
         for group in list(self._shared_hessians):
             hessian = self._shared_hessians.pop(group)
             num_samples = self._shared_num_samples.pop(group)
             members = self._shared_members[group]
-            if not self._row_stackable(members):
+            if not row_stackable(members):
                 # normal path; members share the Hessian object (prepare_batch
                 # divides into a new tensor)
                 for member in members:
                     hessians[member] = hessian
                     counts[member] = num_samples
                 continue
-            self._compress_shared(members, hessian / num_samples)
+            stacked.append((members, hessian / num_samples))
+        compress_stacked_groups(self, stacked)
         super().compress_modules()
-
-    def _row_stackable(self, members: list[torch.nn.Module]) -> bool:
-        return row_stackable(members)
-
-    def _compress_shared(self, members: list, hessian: torch.Tensor) -> None:
-        compress_stacked(self, members, hessian)
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if self._shared_hessians:

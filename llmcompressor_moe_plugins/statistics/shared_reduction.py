@@ -9,6 +9,7 @@ from compressed_tensors.offload.dist_utils import is_distributed
 
 from .. import distributed
 from ..upstream import gptq
+from .stacked_gptq import compress_stacked_groups, row_stackable
 
 __all__ = ["compress_shared_hessians"]
 
@@ -36,7 +37,7 @@ def compress_shared_hessians(modifier: Any) -> None:
         names,
         lambda block: gptq.module_zero_hessian(members_of[block][0]),
     )
-    stacked = [b for b in blocks if modifier._row_stackable(members_of[b])]
+    stacked = [b for b in blocks if row_stackable(members_of[b])]
     for block in blocks:
         if block in stacked:
             continue
@@ -49,10 +50,12 @@ def compress_shared_hessians(modifier: Any) -> None:
     owners = distributed.reduce_to_owners(
         stacked, modifier._shared_hessians, modifier._shared_num_samples
     )
+    owned = []
     for block in list(modifier._shared_hessians):  # the blocks this rank owns
         hessian = modifier._shared_hessians.pop(block)
         count = modifier._shared_num_samples.pop(block)
-        modifier._compress_shared(members_of[block], hessian / count)
+        owned.append((members_of[block], hessian / count))
+    compress_stacked_groups(modifier, owned)
     if is_distributed():
         members = [m for block in stacked for m in members_of[block]]
         owner_of = {m: owners[block] for block in stacked for m in members_of[block]}
