@@ -445,6 +445,12 @@ def run_child(spec: dict) -> dict:
     if ours is not None:
         recipe.insert(0, MoECalibrationModifier(**ours))
 
+    timers = None
+    if spec.get("profile"):
+        from phase_timers import PhaseTimers
+
+        timers = PhaseTimers()
+        timers.install(model)
     gc.collect()
     rss.reset()
     rss_before = rss.current()
@@ -502,6 +508,7 @@ def run_child(spec: dict) -> dict:
             sum(1 for c in routed if c == 0) if routed is not None else None
         ),
         "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "phases": timers.report() if timers is not None else None,
     }
 
 
@@ -614,6 +621,27 @@ def print_table(results: dict) -> None:
         )
 
 
+def print_phases(results: dict) -> None:
+    """Each variant's phases (``--profile``), seconds of the last ok run."""
+    from phase_timers import ORDER, TOP_LEVEL
+
+    phases = {n: dict(r.get("phases") or {}) for n, r in results.items()}
+    for name, ps in phases.items():
+        if ps:  # what no phase covers: onloading, data, pipeline and hook overhead
+            timed = sum(ps[p][0] for p in TOP_LEVEL if p in ps)
+            ps["rest of oneshot"] = [results[name]["oneshot_s"] - timed, 1]
+    names = [
+        p for p in (*ORDER, "rest of oneshot") if any(p in x for x in phases.values())
+    ]
+    print(f"\n{'phase (s, inclusive)':<36}" + "".join(f"{n:>18}" for n in phases))
+    for name in names:
+        cells = [
+            f"{ps[name][0]:>10.1f} ({ps[name][1]:>4})" if name in ps else f"{'-':>18}"
+            for ps in phases.values()
+        ]
+        print(f"{name:<36}" + "".join(f"{c:>18}" for c in cells))
+
+
 def one_line(result: dict) -> str:
     if result["status"] != "ok":
         return f"{result['status']} after {result.get('wall_s', 0):.0f} s " + (
@@ -645,6 +673,11 @@ def main() -> None:
         type=float,
         default=None,
         help="SharedHessianGPTQModifier's statistics_budget_gib (default: auto)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="time the phases of each run (benchmarks/phase_timers.py)",
     )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
@@ -712,6 +745,7 @@ def main() -> None:
                     "model_dir": str(model_dir),
                     "data": str(data),
                     "statistics_budget_gib": args.statistics_budget_gib,
+                    "profile": args.profile,
                 }
                 result = launch(spec, timeout, log)
                 runs[name].append(result)
@@ -731,6 +765,8 @@ def main() -> None:
         f"repeats={args.repeats}, total {time.perf_counter() - began:.0f} s"
     )
     print_table(results)
+    if args.profile:
+        print_phases(results)
     out.write_text(
         json.dumps(
             {
