@@ -10,12 +10,14 @@ from transformers import AutoModelForCausalLM
 
 from llmcompressor_moe_plugins import MoECalibrationModifier, SharedHessianGPTQModifier
 from llmcompressor_moe_plugins.calibration.dispatch import ExpertDispatcher
+from llmcompressor_moe_plugins.calibration.modes import DEFAULT_SHRINK
 from llmcompressor_moe_plugins.statistics import expert_budget
 from llmcompressor_moe_plugins.statistics.expert_budget import (
     GiB,
     expert_statistics_bytes,
     plan_groups,
 )
+from llmcompressor_moe_plugins.statistics.shrinkage import target_bytes
 from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
 EXPERTS = 16  # the tiny GLM4-MoE: 2 MoE layers of 16 experts
@@ -76,8 +78,10 @@ def test_groups_give_the_one_pass_weights(
         f"per-expert statistics: {EXPERTS * tiny_expert_bytes(one_pass) / 2**20:.2f} "
         "MiB per layer within no budget: one pass"
     ]
-    # room for 5 experts: groups of 4, 4, 4, 4
-    budget = 5 * tiny_expert_bytes(one_pass) / GiB
+    # room for 5 experts besides the block's all-token statistics: groups of 4
+    expert = one_pass.model.layers[1].mlp.experts[0]
+    reserved = target_bytes([expert], DEFAULT_SHRINK)
+    budget = (reserved + 5 * tiny_expert_bytes(one_pass)) / GiB
     grouped, plans = run(glm4_dir, tokenizer, calibration_data, budget_gib=budget)
     assert len(plans) == 1, plans  # logged once per run, not once per layer
     assert "> budget" in plans[0] and ": 4 groups" in plans[0], plans
@@ -107,12 +111,15 @@ def test_kimi_k2_layers_fit_an_80_gb_gpu():
     weights = experts * 3 * hidden * width * 2
     free = 80 * 10**9 - weights - 2 * GiB  # attention, activations, CUDA context
     budget = int(expert_budget.AUTO_FRACTION * free)
-    groups = plan_groups(per_expert, budget, "model.layers.1.mlp")
+    # the block's all-token statistics (shrinkage): its input's fp32 Hessian and
+    # 8 x width bf16 rows of its input, 0.41 GiB
+    reserved = hidden * hidden * 4 + 8 * width * hidden * 2
+    groups = plan_groups(per_expert, budget, "model.layers.1.mlp", reserved)
     assert sorted(e for g in groups for e in g) == list(range(experts))
-    assert all(sum(per_expert[e] for e in g) <= budget for g in groups)
+    assert all(sum(per_expert[e] for e in g) + reserved <= budget for g in groups)
     # weights + statistics leave 40 % of the GPU to activations and GPTQ solves
     assert weights + budget < 0.6 * 80 * 10**9
-    assert len(groups) == 8
+    assert len(groups) == 9
     assert plan_groups(per_expert, None, "x") == [list(range(experts))]
     assert plan_groups(per_expert, total, "x") == [list(range(experts))]
     assert len(plan_groups(per_expert, total - 1, "x")) == 2  # one byte short

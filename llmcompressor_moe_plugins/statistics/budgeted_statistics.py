@@ -30,6 +30,7 @@ class _Block:
     name: str
     mlps: list
     per_expert: list[int]
+    reserved: int = 0  # the block's all-token statistics (shrinkage)
     record: ExpertRecord | None = None  # None: not planned yet (automatic budget)
     device: torch.device | None = None
 
@@ -42,9 +43,10 @@ class ExpertBudget:
     auto_decided: bool = False
     logged: set[str] = field(default_factory=set)
 
-    def add_block(self, modifier, name: str, mlps: list) -> None:
+    def add_block(self, modifier, name: str, mlps: list, reserved: int = 0) -> None:
         """Plan the block now where the budget is set (an impossible budget stops
-        before calibration), else at its first forward."""
+        before calibration), else at its first forward. ``reserved``: bytes the
+        block's statistics hold besides the experts'."""
         if is_distributed():  # each rank holds its own experts' share; no plan
             return
         per_expert = [
@@ -54,7 +56,7 @@ class ExpertBudget:
             * expert_statistics_bytes(0, mlp.down_proj.weight.shape[1])
             for mlp in mlps
         ]
-        block = _Block(name, mlps, per_expert)
+        block = _Block(name, mlps, per_expert, reserved)
         self.blocks[name] = block
         for index, mlp in enumerate(mlps):
             self.expert_of[mlp.gate_proj] = (block, index)
@@ -62,7 +64,7 @@ class ExpertBudget:
             self._plan(block, int(modifier.statistics_budget_gib * GiB))
 
     def _plan(self, block: _Block, budget: int | None) -> None:
-        groups = plan_groups(block.per_expert, budget, block.name)
+        groups = plan_groups(block.per_expert, budget, block.name, block.reserved)
         block.record = ExpertRecord(groups)
         message = plan_message(sum(block.per_expert), budget, len(groups))
         if message not in self.logged:  # once per run (per distinct plan)

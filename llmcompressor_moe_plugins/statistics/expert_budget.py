@@ -66,22 +66,25 @@ def auto_budget_bytes(device: torch.device) -> int | None:
 
 
 def plan_groups(
-    per_expert: list[int], budget: int | None, layer: str
+    per_expert: list[int], budget: int | None, layer: str, reserved: int = 0
 ) -> list[list[int]]:
     """The layer's experts (by index) in contiguous groups whose statistics each fit
-    ``budget`` bytes; one group where they all fit or there is no budget. Raises
-    the one-line error where a single expert's statistics exceed the budget."""
+    ``budget`` bytes less ``reserved`` (statistics the layer holds besides the
+    experts'); one group where they all fit or there is no budget. Raises the
+    one-line error where a single expert's statistics exceed what is left."""
     experts = list(range(len(per_expert)))
-    if budget is None or sum(per_expert) <= budget:
+    if budget is None or sum(per_expert) + reserved <= budget:
         return [experts]
     largest = max(per_expert)
-    if largest > budget:
+    if largest + reserved > budget:
+        besides = f" besides the layer's {_size(reserved)}" if reserved else ""
         raise ValueError(
             f"MoE layer {layer}: one expert's calibration statistics need "
-            f"{largest} bytes ({_size(largest)}), more than the budget of "
+            f"{largest} bytes ({_size(largest)}){besides}, more than the budget of "
             f"{_size(budget)}; raise {BUDGET_FLAG} to at least "
-            f"{math.ceil(largest / GiB * 1e4) / 1e4}"
+            f"{math.ceil((largest + reserved) / GiB * 1e4) / 1e4}"
         )
+    budget -= reserved
     per_group = max(1, budget // largest)
     count = math.ceil(len(experts) / per_group)
     size = math.ceil(len(experts) / count)  # even groups, each within budget

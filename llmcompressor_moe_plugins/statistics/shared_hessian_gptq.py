@@ -49,7 +49,7 @@ from ..calibration.routing import NOT_GATED_MLPS
 from ..upstream import gptq, module_hooks
 from .budgeted_statistics import ExpertBudget
 from .shared_reduction import compress_shared_hessians
-from .shrinkage import Shrinkage
+from .shrinkage import Shrinkage, target_bytes
 from .stacked_gptq import compress_stacked_groups, row_stackable
 
 __all__ = ["SharedHessianGPTQModifier", "with_shared_hessian_gptq"]
@@ -161,8 +161,10 @@ class SharedHessianGPTQModifier(GPTQModifier):
             self._weighted_members.update(inputs)
             if mlp.down_proj in targeted:
                 self._weighted_members.add(mlp.down_proj)
-        self._budget.add_block(self, dispatcher.name, mlps)
-        self._shrinkage.add_block(dispatcher, mlps, block.calibration_mode.shrink)
+        strength = block.calibration_mode.shrink
+        reserved = target_bytes(mlps, strength)
+        self._budget.add_block(self, dispatcher.name, mlps, reserved)
+        self._shrinkage.add_block(dispatcher, mlps, strength)
         self._consume_for(dispatcher)
         return True
 

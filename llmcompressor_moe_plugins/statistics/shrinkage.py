@@ -39,6 +39,7 @@ __all__ = [
     "WeightTotals",
     "shrinkage_weight",
     "shrunk",
+    "target_bytes",
 ]
 
 # rows kept per down_proj input column for its all-token target: enough for a
@@ -46,6 +47,17 @@ __all__ = [
 # of the target anyway
 DOWN_TARGET_ROWS_PER_COLUMN = 8
 _CHUNK_ROWS = 8192
+
+
+def target_bytes(mlps: list, strength: float) -> int:
+    """What a block's all-token statistics hold: the block input's Hessian (fp32)
+    and the kept rows (in the weights' dtype, as the block input is)."""
+    if strength == 0:
+        return 0
+    weight = mlps[0].gate_proj.weight
+    hidden = weight.shape[1]
+    rows = DOWN_TARGET_ROWS_PER_COLUMN * max(m.down_proj.weight.shape[1] for m in mlps)
+    return hidden * hidden * 4 + rows * hidden * weight.element_size()
 
 
 def shrinkage_weight(
