@@ -647,7 +647,8 @@ def _verdict(algorithm: str, cells: dict) -> None:
         key=lambda place: (place[0], _budget_tokens(place[1])),
     )
     modes = sorted({k[2] for k in cells if k[0] == algorithm})
-    print(f"\n{algorithm.upper()}: the default rule over {len(places)} (model, budget)")
+    label = SCHEME_LABELS.get(algorithm, algorithm)
+    print(f"\n{label}: the default rule over {len(places)} (model, budget)")
     ranked = []
     for mode in modes:
         here = [cells.get((algorithm, m, mode, b)) for m, b in places]
