@@ -101,3 +101,27 @@ def test_report_takes_times_from_a_timing_sweep(quality, tmp_path, capsys):
 
     table = capsys.readouterr().out
     assert "1.50x" in table and "nan" not in table
+
+
+def test_the_harsher_scheme_is_the_shipped_recipe_with_3_bit_weights(quality, tmp_path):
+    """``--algorithms gptq_w3``: issue 22's harsher scheme, W3A16 group 128, the
+    shipped GPTQ recipe otherwise (the modifier that weighted modes need)."""
+    import yaml
+
+    from llmcompressor_moe_plugins import SharedHessianGPTQModifier
+
+    w3 = yaml.safe_load(
+        Path(quality.recipe_file("gptq_w3", "default", tmp_path)).read_text()
+    )
+    w4 = yaml.safe_load(
+        Path(quality.recipe_file("gptq", "default", tmp_path)).read_text()
+    )
+    w3_gptq = w3["default_stage"]["default_modifiers"]["SharedHessianGPTQModifier"]
+    w4_gptq = w4["default_stage"]["default_modifiers"]["SharedHessianGPTQModifier"]
+    assert "scheme" not in w3_gptq and w4_gptq.pop("scheme") == "W4A16"
+    modifier = SharedHessianGPTQModifier(**w3_gptq)
+    [scheme] = modifier.resolve_quantization_config().config_groups.values()
+    weights = scheme.weights
+    assert (weights.num_bits, weights.strategy, weights.group_size) == (3, "group", 128)
+    del w3_gptq["config_groups"]
+    assert w3_gptq == w4_gptq  # everything else as shipped
