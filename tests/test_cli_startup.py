@@ -110,10 +110,22 @@ def _start(args: list[str]) -> subprocess.Popen:
     )
 
 
+def _wait_until_mapped(process: subprocess.Popen, library: str) -> None:
+    """Until the process has loaded ``library`` (Linux: its memory map), so a
+    signal lands while the heavy imports run, however slow the machine."""
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 120
+    while library not in maps.read_text():
+        assert process.poll() is None, "the CLI ended before loading " + library
+        assert time.monotonic() < deadline, f"{library} never loaded"
+        time.sleep(0.02)
+
+
 def test_ctrl_c_while_importing_one_line_exit_130(tmp_path):
     output = tmp_path / "out"
     process = _start(["quantize", "--output", str(output)])
-    time.sleep(1.5)  # the cheap checks are done; torch and llmcompressor load
+    # the cheap checks are done once torch loads (imports are lazy until then)
+    _wait_until_mapped(process, "libtorch")
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130
