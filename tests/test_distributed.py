@@ -338,8 +338,9 @@ def test_two_ranks_routed_match_one_process(oneshot_inputs, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["weighted:2", "weighted:2,shrink:0"])
 def test_two_ranks_weighted_sums_match_one_process_and_meet_the_floor(
-    oneshot_inputs, tmp_path
+    oneshot_inputs, tmp_path, mode
 ):
     """weighted:2 under torchrun. Routing is the same in every run here
     (propagate_error=False).
@@ -351,8 +352,11 @@ def test_two_ranks_weighted_sums_match_one_process_and_meet_the_floor(
       tokens, so the run's global counts meet the floor with the same routed
       counts. Those top-ups differ from one process's (and so do the weights of
       the experts they reach); the sums themselves are the case above.
+    - With shrinkage (the default; ``shrink:0`` without) each rank mixes its parts
+      with the global weight totals and counts, so the sums are the one-process
+      mix.
     """
-    options = ["--num-samples", str(NUM_SAMPLES), "--mode", "weighted:2"]
+    options = ["--num-samples", str(NUM_SAMPLES), "--mode", mode]
     options += ["--modifier", "shared", "--no-propagate"]
     no_floor = [*options, "--floor", "0", "--rtn-fallback"]
     [reference] = run_oneshot(oneshot_inputs, tmp_path / "one", 1, *no_floor)
