@@ -42,7 +42,6 @@ def compress_stacked(
 ) -> None:
     """GPTQ on ``members`` stacked by rows against ``hessian`` (already divided by
     its sample count), with the modifier's block size and dampening."""
-    quant_args = getattr_chain(members[0], "quantization_scheme.weights")
     chunks, rows = [[]], 0
     for member in members:
         if chunks[-1] and rows + member.weight.shape[0] > modifier.rows_per_call:
@@ -51,36 +50,7 @@ def compress_stacked(
         chunks[-1].append(member)
         rows += member.weight.shape[0]
     for chunk in chunks:
-        qparams = [m.weight_observer.get_qparams() for m in chunk]
-        with torch.no_grad(), disable_offloading():
-            weights = torch.cat([m.weight for m in chunk]).to(GPTQ_PRECISION)
-            scale = torch.cat([q["scale"] for q in qparams])
-            zero_point = torch.cat([q["zero_point"] for q in qparams])
-            quantized, losses, used_rtn = quantize_weight(
-                weights=weights.unsqueeze(0),
-                hessians=hessian.clone().unsqueeze(0),
-                scale=scale.unsqueeze(0),
-                zero_point=zero_point.unsqueeze(0),
-                global_scale=None,
-                quant_args=quant_args,
-                blocksize=modifier.block_size,
-                percdamp=modifier.dampening_frac,
-            )
-            sizes = [m.weight.shape[0] for m in chunk]
-            names = [gptq.module_names(modifier)[m] for m in chunk]
-            gptq.record_compressed(modifier, names, bool(used_rtn[0].item()))
-            update_batch_qparams(
-                chunk,
-                quantized[0].split(sizes),
-                scale.split(sizes),
-                zero_point.split(sizes),
-                None,
-                quant_args,
-            )
-        logger.debug(  # one per expert chunk per layer: -v only
-            f"Quantized {len(chunk)} module(s) against one shared Hessian "
-            f"(GPTQ loss {losses[0].item():.4g}): {names[0]} ... {names[-1]}"
-        )
+        _solve_batch(modifier, [(chunk, hessian)])
 
 
 def compress_stacked_groups(
