@@ -19,7 +19,7 @@ from llmcompressor_moe_plugins import SharedHessianGPTQModifier, upstream
 from llmcompressor_moe_plugins.calibration.architectures.glm4_moe import (
     CalibrationGlm4MoeMoE,
 )
-from llmcompressor_moe_plugins.statistics import stacked_gptq
+from llmcompressor_moe_plugins.statistics import shrinkage, stacked_gptq
 
 from .helpers import calibration_module, relative_error
 from .modules.test_glm4_moe import linearized_block
@@ -28,6 +28,7 @@ from .test_weighted import expected_choice
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 POWER, PRIOR, FLOOR = 2, 0.2, 20
+KEPT = 32  # rows kept for the down_proj targets, fewer than the 45 tokens
 
 
 class SolveRecorder:
@@ -102,7 +103,9 @@ def test_each_expert_is_solved_against_its_own_routing_weighted_hessians(
 ):
     """``observed``: GPTQ's own per-Linear hooks fire on the expert calls too, and
     must add nothing. ``shrink``: the default shrinkage, each expert's share from
-    its own effective token count against the Linear's input width."""
+    its own effective token count against the Linear's input width; the
+    ``down_proj`` targets keep 32 of the 45 rows, so each target is divided by its
+    own count (every row for the input's, the kept rows for ``down_proj``'s)."""
     torch.manual_seed(0)
     # experts wider than the hidden size: the two shares differ
     block = linearized_block(moe_intermediate_size=256)
@@ -122,6 +125,7 @@ def test_each_expert_is_solved_against_its_own_routing_weighted_hessians(
         floor=FLOOR,
     )
     recorder = SolveRecorder(monkeypatch)
+    monkeypatch.setattr(shrinkage, "kept_rows", lambda mlps: KEPT)
     modifier = calibrate_and_compress(module, x, observed)
     shares = modifier.shrinkage_shares
     assert bool(shares) == shrink
@@ -140,8 +144,9 @@ def test_each_expert_is_solved_against_its_own_routing_weighted_hessians(
         down = 2 * (h * w[:, None]).t() @ h
         if shrink:
             rows = x.double()
-            h_all = F.silu(rows @ weights[expert.gate_proj].t()) * (
-                rows @ weights[expert.up_proj].t()
+            first = rows[:KEPT]
+            h_all = F.silu(first @ weights[expert.gate_proj].t()) * (
+                first @ weights[expert.up_proj].t()
             )
             gate_up, gate_share = shrunk(gate_up, w, rows, 128)
             down, down_share = shrunk(down, w, h_all, h.shape[1])

@@ -38,7 +38,7 @@ __all__ = [
     "BlockTarget",
     "WeightTotals",
     "shrinkage_weight",
-    "shrunk",
+    "mix_in_place",
     "target_bytes",
 ]
 
@@ -47,6 +47,12 @@ __all__ = [
 # of the target anyway
 DOWN_TARGET_ROWS_PER_COLUMN = 8
 _CHUNK_ROWS = 8192
+_TINY = torch.finfo(torch.float64).tiny
+
+
+def kept_rows(mlps: list) -> int:
+    """Block input rows kept for the ``down_proj`` targets of these experts."""
+    return DOWN_TARGET_ROWS_PER_COLUMN * max(m.down_proj.weight.shape[1] for m in mlps)
 
 
 def target_bytes(mlps: list, strength: float) -> int:
@@ -56,30 +62,24 @@ def target_bytes(mlps: list, strength: float) -> int:
         return 0
     weight = mlps[0].gate_proj.weight
     hidden = weight.shape[1]
-    rows = DOWN_TARGET_ROWS_PER_COLUMN * max(m.down_proj.weight.shape[1] for m in mlps)
-    return hidden * hidden * 4 + rows * hidden * weight.element_size()
+    return hidden * hidden * 4 + kept_rows(mlps) * hidden * weight.element_size()
 
 
 def shrinkage_weight(
-    width: int, weight_sum: torch.Tensor, weight_sq_sum: torch.Tensor, strength: float
-) -> torch.Tensor:
-    """``a = S d / (S d + n_eff)``, the all-token statistics' share (0-d tensor)."""
-    tiny = torch.finfo(torch.float64).tiny
-    effective = weight_sum.double() ** 2 / weight_sq_sum.double().clamp(min=tiny)
+    width: int, weight_sum: float, weight_sq_sum: float, strength: float
+) -> float:
+    """``a = S d / (S d + n_eff)``, the all-token statistics' share."""
+    effective = weight_sum**2 / max(weight_sq_sum, _TINY)
     prior = strength * width
     return prior / (prior + effective)
 
 
-def shrunk(
-    hessian: torch.Tensor,
-    weight_sum: torch.Tensor,
-    target: torch.Tensor,
-    share: torch.Tensor,
+def mix_in_place(
+    hessian: torch.Tensor, weight_sum: float, target: torch.Tensor, share: float
 ) -> torch.Tensor:
-    """``(1 - a) * hessian / weight_sum + a * target`` (``target`` per token)."""
-    dtype = hessian.dtype
-    own = hessian / weight_sum.to(dtype).clamp(min=torch.finfo(dtype).tiny)
-    return torch.lerp(own, target.to(dtype), share.to(dtype))
+    """``hessian`` becomes ``(1 - a) * hessian / weight_sum + a * target``
+    (``target`` per token, ``weight_sum`` > 0); returns it."""
+    return hessian.div_(weight_sum).lerp_(target, share)
 
 
 @dataclass
@@ -92,9 +92,6 @@ class WeightTotals:
         weights = weights.to(GPTQ_PRECISION)
         step = torch.stack([weights.sum(), (weights * weights).sum()])
         self.sums = step if self.sums is None else self.sums + step
-
-    def share(self, width: int, strength: float) -> torch.Tensor:
-        return shrinkage_weight(width, self.sums[0], self.sums[1], strength)
 
 
 @dataclass
@@ -123,15 +120,6 @@ class BlockTarget:
         if take > 0:
             self.rows.append(hidden_states.detach()[:take].clone())
             self.kept += take
-
-    def input_target(self) -> torch.Tensor:
-        """Per-token all-token Hessian of the block input."""
-        return self.hessian / self.tokens
-
-    def down_target(self, mlp) -> torch.Tensor:
-        """Per-token all-token Hessian of ``mlp.down_proj``'s input, from the kept
-        rows, as ``all`` mode would accumulate it."""
-        return self.down_sum(mlp) / self.kept
 
     def down_sum(self, mlp) -> torch.Tensor:
         """``2 H^T H`` of ``mlp.down_proj``'s inputs over the kept rows."""
@@ -163,10 +151,7 @@ class Shrinkage:
     def add_block(self, dispatcher, mlps: list, strength: float) -> None:
         if strength == 0:
             return
-        widest = max(mlp.down_proj.weight.shape[1] for mlp in mlps)
-        self.targets[dispatcher] = BlockTarget(
-            strength, DOWN_TARGET_ROWS_PER_COLUMN * widest
-        )
+        self.targets[dispatcher] = BlockTarget(strength, kept_rows(mlps))
         for mlp in mlps:
             self.expert_of[mlp.gate_proj] = (dispatcher, mlp)
 
@@ -197,6 +182,7 @@ class Shrinkage:
             experts = list(self.totals)
         totals, counts = self._global(experts)
         sample = 1.0 if world()[0] == 0 else 0.0
+        input_targets = {}  # per block: its per-token input Hessian, divided once
         for gate_proj, (weight_sum, weight_sq_sum) in zip(experts, totals, strict=True):
             self.totals.pop(gate_proj, None)
             if not weight_sum > 0:  # no token on any rank: nothing to solve
@@ -206,11 +192,13 @@ class Shrinkage:
             tokens, kept = counts[dispatcher]
             weights = (weight_sum, weight_sq_sum, target.strength)
             if gate_proj in modifier._shared_members:
+                if dispatcher not in input_targets:
+                    input_targets[dispatcher] = target.hessian / tokens
                 share = self._mix(
                     modifier._shared_hessians,
                     gate_proj,
                     weights,
-                    target.hessian / tokens,
+                    input_targets[dispatcher],
                 )
                 modifier._shared_num_samples[gate_proj] = torch.tensor(
                     sample, device=target.hessian.device
@@ -222,7 +210,7 @@ class Shrinkage:
                     modifier._consumed_hessians,
                     down,
                     weights,
-                    target.down_sum(mlp) / kept,
+                    target.down_sum(mlp).div_(kept),
                 )
                 modifier._consumed_num_samples[down] = sample
                 self.shares[names[down]] = share
@@ -230,17 +218,16 @@ class Shrinkage:
     @staticmethod
     def _mix(hessians: dict, linear, weights: tuple, target: torch.Tensor) -> float:
         """``hessians[linear]`` (zeros where this rank has none) mixed with the
-        per-token ``target``; returns the target's share."""
+        per-token ``target`` in place; returns the target's share."""
         weight_sum, weight_sq_sum, strength = weights
-        width = linear.weight.shape[1]
         share = shrinkage_weight(
-            width, torch.tensor(weight_sum), torch.tensor(weight_sq_sum), strength
+            linear.weight.shape[1], weight_sum, weight_sq_sum, strength
         )
         own = hessians.get(linear)
         if own is None:
             own = torch.zeros_like(target)
-        hessians[linear] = shrunk(own, torch.tensor(weight_sum), target, share)
-        return float(share)
+        hessians[linear] = mix_in_place(own, weight_sum, target, share)
+        return share
 
     def _global(self, experts: list) -> tuple[list, dict]:
         """Per expert (sum w, sum w^2), per block (tokens, kept rows): this
