@@ -9,6 +9,26 @@ from safetensors import safe_open
 from llmcompressor_moe_plugins.calibration.registry import ENTRY_POINT_GROUP
 
 
+def calibrate(model, tokenizer, data, recipe, max_seq_length: int, **settings) -> None:
+    """``oneshot`` on the CPU over every sample of ``data``, in order (the same
+    order in every run, so runs compare)."""
+    from llmcompressor import oneshot
+
+    from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
+
+    with cpu_only_calibration():
+        oneshot(
+            model=model,
+            processor=tokenizer,
+            dataset=data,
+            recipe=recipe,
+            num_calibration_samples=len(data),
+            max_seq_length=max_seq_length,
+            shuffle_calibration_samples=False,
+            **settings,
+        )
+
+
 def saved_tensor_names(directory: Path) -> set[str]:
     names = set()
     for path in Path(directory).glob("*.safetensors"):

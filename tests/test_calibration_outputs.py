@@ -10,7 +10,6 @@ the experts from their weights, equal to the per-expert path up to rounding.
   original block's computation with the quantized weights)."""
 
 import torch
-from llmcompressor import oneshot
 from llmcompressor.modeling.moe.linearize import linearize_moe
 from transformers import AutoModelForCausalLM
 
@@ -24,9 +23,8 @@ from llmcompressor_moe_plugins.calibration.architectures.glm4_moe import (
     CalibrationGlm4MoeMoE,
 )
 from llmcompressor_moe_plugins.tiny import stdlib_texts, tokenize_for_calibration
-from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
-from .helpers import relative_error
+from .helpers import calibrate, relative_error
 
 # the first MoE layer's experts only: GPTQ's time is most of a run, and their
 # compression is what the propagation pass must see
@@ -77,20 +75,11 @@ def _calibrate(glm4_dir, tokenizer, propagate_error: bool, monkeypatch):
 
     layers[2].register_forward_pre_hook(record_next, with_kwargs=True)
     data = tokenize_for_calibration(tokenizer, stdlib_texts(skip_files=100), 2, 16)
-    with cpu_only_calibration():
-        oneshot(
-            model=model,
-            processor=tokenizer,
-            dataset=data,
-            recipe=[
-                MoECalibrationModifier(mode="all"),
-                SharedHessianGPTQModifier(targets=[FIRST_MOE_EXPERTS], scheme="W4A16"),
-            ],
-            num_calibration_samples=2,
-            max_seq_length=16,
-            shuffle_calibration_samples=False,
-            propagate_error=propagate_error,
-        )
+    recipe = [
+        MoECalibrationModifier(mode="all"),
+        SharedHessianGPTQModifier(targets=[FIRST_MOE_EXPERTS], scheme="W4A16"),
+    ]
+    calibrate(model, tokenizer, data, recipe, 16, propagate_error=propagate_error)
     # only the first MoE block's calibrating forwards compute from the weights
     assert from_weight_calls == [True, True]
     return model, blocks, layer_out, next_in

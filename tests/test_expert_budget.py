@@ -4,7 +4,6 @@ Kimi-K2 layers on an 80 GB GPU; a budget no plan meets stops before calibrating.
 
 import pytest
 import torch
-from llmcompressor import oneshot
 from loguru import logger
 from transformers import AutoModelForCausalLM
 
@@ -18,7 +17,8 @@ from llmcompressor_moe_plugins.statistics.expert_budget import (
     plan_groups,
 )
 from llmcompressor_moe_plugins.statistics.shrinkage import target_bytes
-from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
+
+from .helpers import calibrate
 
 EXPERTS = 16  # the tiny GLM4-MoE: 2 MoE layers of 16 experts
 
@@ -28,24 +28,16 @@ def run(glm4_dir, tokenizer, data, budget_gib=None):
     messages: list[str] = []
     sink = logger.add(lambda m: messages.append(m.record["message"]), level="INFO")
     try:
-        with cpu_only_calibration():
-            oneshot(
-                model=model,
-                processor=tokenizer,
-                dataset=data,
-                recipe=[
-                    MoECalibrationModifier(rtn_fallback=True),  # the default mode
-                    SharedHessianGPTQModifier(
-                        targets=["Linear"],
-                        scheme="W4A16",
-                        ignore=["lm_head"],
-                        statistics_budget_gib=budget_gib,
-                    ),
-                ],
-                num_calibration_samples=len(data),
-                max_seq_length=64,
-                shuffle_calibration_samples=False,
-            )
+        recipe = [
+            MoECalibrationModifier(rtn_fallback=True),  # the default mode
+            SharedHessianGPTQModifier(
+                targets=["Linear"],
+                scheme="W4A16",
+                ignore=["lm_head"],
+                statistics_budget_gib=budget_gib,
+            ),
+        ]
+        calibrate(model, tokenizer, data, recipe, 64)
     finally:
         logger.remove(sink)
     return model, [m for m in messages if m.startswith("per-expert statistics")]

@@ -3,7 +3,6 @@ quantized weights as GPTQ's own within GPTQ's own re-run noise."""
 
 import pytest
 import torch
-from llmcompressor import oneshot
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq import base as gptq_base
 from llmcompressor.recipe import Recipe
@@ -11,9 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from llmcompressor_moe_plugins import MoECalibrationModifier, SharedHessianGPTQModifier
 from llmcompressor_moe_plugins.statistics import shared_hessian_gptq
-from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
-from .helpers import relative_error
+from .helpers import calibrate, relative_error
 
 pytestmark = pytest.mark.slow
 
@@ -32,21 +30,11 @@ def quantize(
     **gptq_fields,
 ):
     model = AutoModelForCausalLM.from_pretrained(glm4_dir)
-    with cpu_only_calibration():
-        oneshot(
-            model=model,
-            processor=tokenizer,
-            dataset=data,
-            recipe=[
-                MoECalibrationModifier(mode=mode, chunk_size=chunk_size),
-                gptq_cls(
-                    targets=["Linear"], scheme=scheme, ignore=["lm_head"], **gptq_fields
-                ),
-            ],
-            num_calibration_samples=NUM_SAMPLES,
-            max_seq_length=SEQ_LEN,
-            shuffle_calibration_samples=False,  # same order in every run
-        )
+    recipe = [
+        MoECalibrationModifier(mode=mode, chunk_size=chunk_size),
+        gptq_cls(targets=["Linear"], scheme=scheme, ignore=["lm_head"], **gptq_fields),
+    ]
+    calibrate(model, tokenizer, data, recipe, SEQ_LEN)
     return model
 
 

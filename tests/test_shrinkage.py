@@ -7,7 +7,6 @@ Hessians themselves are checked against float64 sums in test_weighted_hessians."
 import pytest
 import torch
 import torch.nn.functional as F
-from llmcompressor import oneshot
 from transformers import AutoModelForCausalLM
 
 from llmcompressor_moe_plugins import (
@@ -21,28 +20,19 @@ from llmcompressor_moe_plugins.statistics.shrinkage import (
     WeightTotals,
     shrinkage_weight,
 )
-from llmcompressor_moe_plugins.upstream.compat import cpu_only_calibration
 
-from .helpers import relative_error
+from .helpers import calibrate, relative_error
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def quantize(glm4_dir, tokenizer, data, mode):
+def quantize(glm4_dir, tokenizer, data, mode=None, **gptq_fields):
+    """The tiny GLM4-MoE quantized W4A16 in ``mode`` (None: the default)."""
     model = AutoModelForCausalLM.from_pretrained(glm4_dir)
     gptq = SharedHessianGPTQModifier(
-        targets=["Linear"], scheme="W4A16", ignore=["lm_head"]
+        targets=["Linear"], scheme="W4A16", ignore=["lm_head"], **gptq_fields
     )
-    with cpu_only_calibration():
-        oneshot(
-            model=model,
-            processor=tokenizer,
-            dataset=data,
-            recipe=[MoECalibrationModifier(mode=mode), gptq],
-            num_calibration_samples=len(data),
-            max_seq_length=64,
-            shuffle_calibration_samples=False,
-        )
+    calibrate(model, tokenizer, data, [MoECalibrationModifier(mode=mode), gptq], 64)
     return model, gptq
 
 
@@ -146,23 +136,9 @@ def test_expert_groups_solved_in_batches_equal_one_at_a_time(
     runs = {}
     for setting in (None, 4):
         calls.clear()
-        model = AutoModelForCausalLM.from_pretrained(glm4_dir)
-        gptq = SharedHessianGPTQModifier(
-            targets=["Linear"],
-            scheme="W4A16",
-            ignore=["lm_head"],
-            batched_quantization=setting,
+        model, _ = quantize(
+            glm4_dir, tokenizer, calibration_data, batched_quantization=setting
         )
-        with cpu_only_calibration():
-            oneshot(
-                model=model,
-                processor=tokenizer,
-                dataset=calibration_data,
-                recipe=[MoECalibrationModifier(), gptq],
-                num_calibration_samples=len(calibration_data),
-                max_seq_length=64,
-                shuffle_calibration_samples=False,
-            )
         runs[setting] = (expert_weights(model), list(calls))
     (one, one_calls), (batched, batched_calls) = runs[None], runs[4]
     assert one_calls == [1] * 32  # 16 experts in each of 2 MoE layers
