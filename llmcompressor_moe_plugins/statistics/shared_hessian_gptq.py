@@ -35,7 +35,6 @@ from llmcompressor.core import Event, State
 from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq.helpers import (
-    GPTQ_PRECISION,
     accumulate_hessian,
 )
 from loguru import logger
@@ -230,7 +229,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
             hessian = gptq.zero_hessian(rows.shape[-1], rows.device)
             self._consumed_hessians[down_proj] = hessian
             self._consumed_num_samples[down_proj] = 0
-        _add_rows(hessian, rows, weights)
+        gptq.add_rows(hessian, rows, weights)
         self._consumed_num_samples[down_proj] += 1
 
     def consume_weighted(
@@ -251,7 +250,7 @@ class SharedHessianGPTQModifier(GPTQModifier):
                     tokens.shape[-1], tokens.device
                 )
                 self._shared_num_samples[group] = torch.zeros((), device=tokens.device)
-            _add_rows(self._shared_hessians[group], tokens, weights)
+            gptq.add_rows(self._shared_hessians[group], tokens, weights)
             self._shared_num_samples[group] += 1
         if mlp.down_proj in self._weighted_members:
             self._consume_rows(mlp.down_proj, intermediate, weights)
@@ -349,18 +348,6 @@ def with_shared_hessian_gptq(modifiers: list) -> list:
         else m
         for m in modifiers
     ]
-
-
-def _add_rows(
-    hessian: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None = None
-):
-    """``hessian += 2 rows^T diag(weights) rows``: GPTQ's ``2 X^T X``, weighted
-    per row where ``weights`` are given."""
-    rows = rows.to(GPTQ_PRECISION)
-    left = rows
-    if weights is not None:
-        left = rows * weights.to(device=rows.device, dtype=GPTQ_PRECISION)[:, None]
-    hessian.addmm_(left.t(), rows, alpha=2.0)
 
 
 ModifierFactory.register("SharedHessianGPTQModifier", SharedHessianGPTQModifier)

@@ -32,6 +32,7 @@ from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION
 
 from ..distributed.collectives import all_reduce_counts
 from ..distributed.launch import world
+from ..upstream import gptq
 
 __all__ = [
     "DOWN_TARGET_ROWS_PER_COLUMN",
@@ -108,13 +109,10 @@ class BlockTarget:
 
     def observe(self, hidden_states: torch.Tensor) -> None:
         """One calibrating forward's block input [tokens, hidden]."""
-        rows = hidden_states.detach().to(GPTQ_PRECISION)
+        rows = hidden_states.detach()
         if self.hessian is None:
-            width = rows.shape[-1]
-            self.hessian = torch.zeros(
-                width, width, dtype=GPTQ_PRECISION, device=rows.device
-            )
-        self.hessian.addmm_(rows.t(), rows, alpha=2.0)
+            self.hessian = gptq.zero_hessian(rows.shape[-1], rows.device)
+        gptq.add_rows(self.hessian, rows)
         self.tokens += rows.shape[0]
         take = min(self.max_rows - self.kept, hidden_states.shape[0])
         if take > 0:
@@ -123,14 +121,11 @@ class BlockTarget:
 
     def down_sum(self, mlp) -> torch.Tensor:
         """``2 H^T H`` of ``mlp.down_proj``'s inputs over the kept rows."""
-        width = mlp.down_proj.weight.shape[1]
-        device = self.rows[0].device
-        hessian = torch.zeros(width, width, dtype=GPTQ_PRECISION, device=device)
+        hessian = gptq.zero_hessian(mlp.down_proj.weight.shape[1], self.rows[0].device)
         with torch.no_grad():
             for rows in self.rows:
                 for chunk in rows.split(_CHUNK_ROWS):
-                    inner = mlp.intermediate(chunk).to(GPTQ_PRECISION)
-                    hessian.addmm_(inner.t(), inner, alpha=2.0)
+                    gptq.add_rows(hessian, mlp.intermediate(chunk))
         return hessian
 
 

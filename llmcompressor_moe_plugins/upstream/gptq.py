@@ -27,6 +27,7 @@ __all__ = [
     "module_names",
     "record_compressed",
     "zero_hessian",
+    "add_rows",
     "module_zero_hessian",
     "ensure_same_hessian_order",
     "broadcast_qparams",
@@ -58,6 +59,20 @@ def zero_hessian(width: int, device: torch.device | str) -> torch.Tensor:
     from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION
 
     return torch.zeros((width, width), device=device, dtype=GPTQ_PRECISION)
+
+
+def add_rows(
+    hessian: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor | None = None
+) -> None:
+    """``hessian += 2 rows^T diag(weights) rows``: GPTQ's ``2 X^T X`` in its
+    precision, weighted per row where ``weights`` are given."""
+    from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION
+
+    rows = rows.to(GPTQ_PRECISION)
+    left = rows
+    if weights is not None:
+        left = rows * weights.to(device=rows.device, dtype=GPTQ_PRECISION)[:, None]
+    hessian.addmm_(left.t(), rows, alpha=2.0)
 
 
 def module_zero_hessian(module: torch.nn.Module) -> torch.Tensor:
