@@ -3,15 +3,21 @@ phases, each timed around its function with the device synchronized on entry and
 exit, so GPU work is charged to the phase that queued it. Inclusive: a phase
 nested in another (GPTQ solves inside compression) is also in its parent's time;
 a phase re-entered inside itself counts once. The synchronizations slow a run
-slightly, so compare profiled runs with profiled runs."""
+slightly, so compare profiled runs with profiled runs.
+
+With ``count_ops`` each phase also counts the ATen operators it dispatches (each is
+about one kernel launch on a GPU, and one trip through PyTorch's dispatcher): a
+machine-independent measure of the per-call overhead that dominates a launch-bound
+layer, which a CPU can check. Counting slows the run; its times are not timings."""
 
 from __future__ import annotations
 
 import functools
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["PhaseTimers", "ORDER", "TOP_LEVEL"]
 
@@ -32,10 +38,25 @@ ORDER = (
 TOP_LEVEL = tuple(p for p in ORDER if not p.startswith(" "))
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen operators dispatched while it is active (nested counters
+    each see an operator once)."""
+
+    def __init__(self, ops: Counter) -> None:
+        super().__init__()
+        self.ops = ops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
 class PhaseTimers:
-    def __init__(self) -> None:
+    def __init__(self, count_ops: bool = False) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self.count_ops = count_ops
+        self.ops: dict[str, Counter] = defaultdict(Counter)
         self._active: set[str] = set()
         self._undo: list = []
 
@@ -54,6 +75,9 @@ class PhaseTimers:
             _sync()
             start = time.perf_counter()
             try:
+                if self.count_ops:
+                    with _OpCounter(self.ops[phase]):
+                        return original(*args, **kwargs)
                 return original(*args, **kwargs)
             finally:
                 _sync()
@@ -121,7 +145,16 @@ class PhaseTimers:
         self._undo.clear()
 
     def report(self) -> dict[str, list]:
-        return {k: [round(v, 3), self.calls[k]] for k, v in self.seconds.items()}
+        """phase -> [seconds, calls] or, counting operators, [seconds, calls,
+        operators, the five most frequent as [name, count]]"""
+        report = {}
+        for phase, seconds in self.seconds.items():
+            row = [round(seconds, 3), self.calls[phase]]
+            if self.count_ops:
+                ops = self.ops[phase]
+                row += [sum(ops.values()), [list(x) for x in ops.most_common(5)]]
+            report[phase] = row
+        return report
 
 
 def _sync() -> None:

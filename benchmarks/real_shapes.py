@@ -148,6 +148,12 @@ TINY = dict(
     max_position_embeddings=512,
 )
 TINY_DEAD_EXPERTS = 2
+# --tiny-widths: Air's expert count and top-k at the miniature's widths, so that on a
+# CPU the time goes where a GPU's goes at real widths when it is launch-bound: into
+# per-expert Python and kernel-call overhead, not arithmetic
+TINY_WIDTHS = dict(
+    TINY, n_routed_experts=128, num_experts_per_tok=8, max_position_embeddings=4096
+)
 
 IGNORE = ["lm_head", "re:.*mlp\\.gate$", "model.layers.0.mlp.down_proj"]
 
@@ -269,7 +275,10 @@ def uneven_router_bias(
 
 
 def build_settings(args) -> dict:
-    config = dict(TINY if args.tiny else SHAPES[args.shape])
+    if args.tiny_widths:
+        config = dict(TINY_WIDTHS)
+    else:
+        config = dict(TINY if args.tiny else SHAPES[args.shape])
     config["num_hidden_layers"] = config["first_k_dense_replace"] + args.moe_layers
     return {
         "config": config,
@@ -449,7 +458,7 @@ def run_child(spec: dict) -> dict:
     if spec.get("profile"):
         from phase_timers import PhaseTimers
 
-        timers = PhaseTimers()
+        timers = PhaseTimers(count_ops=spec.get("count_ops", False))
         timers.install(model)
     gc.collect()
     rss.reset()
@@ -642,6 +651,28 @@ def print_phases(results: dict) -> None:
         print(f"{name:<36}" + "".join(f"{c:>18}" for c in cells))
 
 
+def print_operator_counts(results: dict) -> None:
+    """Each variant's ATen operators per phase call (``--count-ops``)."""
+    from phase_timers import ORDER
+
+    phases = {n: dict(r.get("phases") or {}) for n, r in results.items()}
+    names = [p for p in ORDER if any(p in x for x in phases.values())]
+    print(f"\n{'ATen operators per call':<36}" + "".join(f"{n:>18}" for n in phases))
+    for name in names:
+        cells = [
+            f"{ps[name][2] / ps[name][1]:>10.0f} ({ps[name][1]:>4})"
+            if name in ps
+            else f"{'-':>18}"
+            for ps in phases.values()
+        ]
+        print(f"{name:<36}" + "".join(f"{c:>18}" for c in cells))
+    for variant, ps in phases.items():
+        for name in names:
+            if name in ps:
+                top = ", ".join(f"{op} {n}" for op, n in ps[name][3])
+                print(f"  {variant} / {name.strip()}: {top}")
+
+
 def one_line(result: dict) -> str:
     if result["status"] != "ok":
         return f"{result['status']} after {result.get('wall_s', 0):.0f} s " + (
@@ -664,6 +695,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--tiny", action="store_true", help="miniature, CPU smoke test")
+    parser.add_argument(
+        "--tiny-widths",
+        action="store_true",
+        help="Air's 128 experts top-8 at miniature widths (CPU overhead proxy)",
+    )
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--moe-layers", type=int, default=1)
@@ -678,6 +714,11 @@ def main() -> None:
         "--profile",
         action="store_true",
         help="time the phases of each run (benchmarks/phase_timers.py)",
+    )
+    parser.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="with --profile: count each phase's ATen operators (no timings then)",
     )
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
@@ -706,6 +747,7 @@ def main() -> None:
         args.samples, args.seq_len = min(args.samples, 8), min(args.seq_len, 128)
     if args.dead_experts is None:
         args.dead_experts = TINY_DEAD_EXPERTS if args.tiny else 4
+    args.tiny = args.tiny or args.tiny_widths  # CPU, the tiny tokenizer
     began = time.perf_counter()
 
     settings = build_settings(args)
@@ -745,7 +787,8 @@ def main() -> None:
                     "model_dir": str(model_dir),
                     "data": str(data),
                     "statistics_budget_gib": args.statistics_budget_gib,
-                    "profile": args.profile,
+                    "profile": args.profile or args.count_ops,
+                    "count_ops": args.count_ops,
                 }
                 result = launch(spec, timeout, log)
                 runs[name].append(result)
@@ -765,7 +808,9 @@ def main() -> None:
         f"repeats={args.repeats}, total {time.perf_counter() - began:.0f} s"
     )
     print_table(results)
-    if args.profile:
+    if args.count_ops:
+        print_operator_counts(results)
+    elif args.profile:
         print_phases(results)
     out.write_text(
         json.dumps(
