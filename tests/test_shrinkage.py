@@ -51,9 +51,9 @@ def test_the_share_falls_as_the_effective_token_count_rises():
     assert shares == pytest.approx([128 / 129, 128 / 192, 128 / (128 + 1e6)])
     assert shrinkage_weight(width, 0.0, 0.0, 1.0) == 1.0  # no tokens
     # one heavy token among light ones counts as few
-    totals = WeightTotals()
-    totals.add(torch.tensor([1.0] + [1e-3] * 99))
-    weight_sum, weight_sq_sum = totals.sums.tolist()
+    totals = WeightTotals()  # one expert's column
+    totals.add(torch.tensor([[1.0]] + [[1e-3]] * 99))
+    (weight_sum,), (weight_sq_sum,) = totals.sums.tolist()
     assert shrinkage_weight(width, weight_sum, weight_sq_sum, 1.0) > 128 / (128 + 2)
     # the strength scales the prior: 4 tokens per column
     assert shrinkage_weight(width, 64.0, 64.0, 4.0) == pytest.approx(512 / 576)

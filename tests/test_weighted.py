@@ -194,7 +194,9 @@ def test_gptq_hessians_are_the_routing_weighted_sums(
         hessians = {}
         for group, hessian in self._shared_hessians.items():
             for member in self._shared_members[group]:
-                hessians[member] = hessian / self._shared_num_samples[group]
+                calls = self._weighted_calls.get(group)  # weighted groups' count
+                count = self._shared_num_samples[group] if calls is None else calls
+                hessians[member] = hessian / count
         for down, hessian in self._consumed_hessians.items():
             hessians[down] = hessian / self._consumed_num_samples[down]
         weights = {m: m.weight.detach().clone() for m in hessians}

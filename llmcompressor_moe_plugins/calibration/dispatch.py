@@ -37,7 +37,7 @@ from .routing import (
     Routing,
     block_seed,
 )
-from .tokens import extra_token_indices, group_by_expert
+from .tokens import extra_token_indices, routed_by_expert
 
 __all__ = [
     "AUTO_CHUNK",
@@ -136,13 +136,12 @@ class ExpertDispatcher(WeightComputedPaths):
             routed = torch.zeros(
                 num_tokens, num_experts, dtype=torch.bool, device=indices.device
             ).scatter_(1, indices, True)
-            by_slot = self.order == "slot"
-            positions, counts = group_by_expert(
-                indices.t() if by_slot else indices, num_experts
+            routed_tokens = routed_by_expert(
+                indices, weights, self.order == "slot", num_experts
             )
         calibrating = upstream.hooks_enabled()
         selected = self._select(routed, routing) if calibrating else None
-        busiest = max(counts)
+        busiest = max(routed_tokens.counts)
 
         if calibrating:
             combined = self._forward_from_weights(
@@ -154,23 +153,24 @@ class ExpertDispatcher(WeightComputedPaths):
         weighted = self._weighted_consumer(hidden_states) if calibrating else None
         if calibrating and weighted is None:
             self._log_once("calls", "calibrating forwards call each expert module")
+        token_weights = routed_token_weights = None
+        if weighted is not None:
+            token_weights = self._token_weights(routed, indices, weights)
+            # one gather for every expert's routed tokens
+            routed_token_weights = token_weights[
+                routed_tokens.tokens, routed_tokens.experts
+            ].split(routed_tokens.counts)
         if weighted is not None and hasattr(weighted, "observe_block_input"):
-            weighted.observe_block_input(self, hidden_states)  # all-token statistics
+            # all-token statistics, and every expert's weights in one call
+            calibrated = routed | selected
+            weighted.observe_block_input(
+                self, hidden_states, torch.where(calibrated, token_weights, 0.0)
+            )
         extras = extra_token_indices(routed, selected)
         combined = torch.zeros_like(hidden_states)
         experts = self._callable_experts(hidden_states, calibrating)
-        token_weights = (
-            self._token_weights(routed, indices, weights)
-            if weighted is not None
-            else None
-        )
-        top_k = indices.shape[1]
         for expert_index in range(num_experts):
-            position = positions[expert_index]
-            if by_slot:
-                slot, tokens = position // num_tokens, position % num_tokens
-            else:
-                tokens, slot = position // top_k, position % top_k
+            tokens = routed_tokens.by_expert[expert_index]
             if weighted is not None:
                 output = self._run_weighted(
                     expert_index,
@@ -179,6 +179,7 @@ class ExpertDispatcher(WeightComputedPaths):
                     tokens,
                     extras[expert_index],
                     token_weights,
+                    routed_token_weights[expert_index],
                     busiest,
                 )
             else:
@@ -191,7 +192,8 @@ class ExpertDispatcher(WeightComputedPaths):
                 )
             if output is None:
                 continue
-            weighted_output = output * weights[tokens, slot, None]
+            routing_weights = routed_tokens.routing_weights[expert_index]
+            weighted_output = output * routing_weights[:, None]
             combined.index_add_(0, tokens, weighted_output.to(combined.dtype))
         return combined
 

@@ -26,6 +26,11 @@ from .tokens import dense_routing_weights
 __all__ = ["WeightComputedPaths"]
 
 
+def _joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+    # most experts have one piece (no extra tokens): no copy, no kernel
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
 class WeightComputedPaths:
     """Mixed into ``ExpertDispatcher``: uses its ``name``, ``mode``, ``experts``,
     ``consumer``, ``decisions``, ``default_activation``, ``weighting_required``,
@@ -101,20 +106,27 @@ class WeightComputedPaths:
         routed_tokens: torch.Tensor,
         extra_tokens: torch.Tensor | None,
         token_weights: torch.Tensor,
+        routed_weights: torch.Tensor,
         busiest: int,
     ) -> torch.Tensor | None:
         """Weighted statistics of the expert's routed and extra tokens go to the
         consumer; the routed output comes from the same intermediate where that
         is bit for bit the module call and nothing else observes the expert,
-        else from the module (whose other observers then see the token choice)."""
+        else from the module (whose other observers then see the token choice).
+
+        :param routed_weights: ``token_weights`` of the routed tokens"""
         mlp = self.gated_mlps()[expert_index]
         pieces = [t for t in (routed_tokens, extra_tokens) if t is not None]
         pieces = [t for t in pieces if t.numel()]
         if not pieces:
             return None
         with torch.no_grad():
-            index = torch.cat(pieces)
-            weights = token_weights[index, expert_index]
+            index = _joined(pieces)
+            if extra_tokens is None:
+                weights = routed_weights
+            else:
+                extra_weights = token_weights[extra_tokens, expert_index]
+                weights = _joined([routed_weights, extra_weights])
             record = getattr(consumer, "record_weighted", None)
             if record is not None and record(
                 mlp, hidden_states, index, routed_tokens.numel(), weights
@@ -127,10 +139,7 @@ class WeightComputedPaths:
                 rows = [hidden_states[t] for t in pieces]
                 intermediates = [mlp.intermediate(r) for r in rows]
                 consumer.consume_weighted(
-                    mlp,
-                    torch.cat(rows),
-                    torch.cat(intermediates),
-                    weights,
+                    mlp, _joined(rows), _joined(intermediates), weights
                 )
         bypass = self._exact() and consumer.accepts(mlp.linears)
         if not bypass:

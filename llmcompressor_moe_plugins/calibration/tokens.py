@@ -5,9 +5,17 @@ per expert."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-__all__ = ["dense_routing_weights", "group_by_expert", "extra_token_indices"]
+__all__ = [
+    "dense_routing_weights",
+    "group_by_expert",
+    "RoutedTokens",
+    "routed_by_expert",
+    "extra_token_indices",
+]
 
 
 def dense_routing_weights(
@@ -30,6 +38,45 @@ def group_by_expert(
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts).tolist()
     return list(order.split(counts)), counts
+
+
+class RoutedTokens(NamedTuple):
+    """Each expert's routed tokens and their routing weights, listed by (top-k
+    slot, token) or by (token, slot), and their counts; ``tokens`` and ``experts``
+    are all experts' lists, concatenated, for gathers that serve every expert."""
+
+    by_expert: list[torch.Tensor]
+    routing_weights: list[torch.Tensor]
+    counts: list[int]
+    tokens: torch.Tensor
+    experts: torch.Tensor
+
+
+def routed_by_expert(
+    indices: torch.Tensor, weights: torch.Tensor, by_slot: bool, num_experts: int
+) -> RoutedTokens:
+    """The routed tokens of every expert, in a few operations for all experts,
+    not a few per expert.
+
+    :param indices: [tokens, top_k] expert ids
+    :param weights: [tokens, top_k] routing weights
+    :param by_slot: list an expert's tokens by (slot, token), else (token, slot)
+    """
+    num_tokens, top_k = indices.shape
+    expert_ids = indices.t() if by_slot else indices
+    positions, counts = group_by_expert(expert_ids, num_experts)
+    order = torch.cat(positions)
+    if by_slot:
+        slot, tokens = order // num_tokens, order % num_tokens
+    else:
+        tokens, slot = order // top_k, order % top_k
+    return RoutedTokens(
+        list(tokens.split(counts)),
+        list(weights[tokens, slot].split(counts)),
+        counts,
+        tokens,
+        expert_ids.reshape(-1)[order],
+    )
 
 
 def extra_token_indices(

@@ -84,6 +84,8 @@ class SharedHessianGPTQModifier(GPTQModifier):
     _shared_num_samples: dict[torch.nn.Module, torch.Tensor] = PrivateAttr(
         default_factory=dict
     )
+    # weighted groups' consume_weighted calls, GPTQ's sample count for them
+    _weighted_calls: dict[torch.nn.Module, int] = PrivateAttr(default_factory=dict)
     # weighted modes: every Linear whose statistics only consume_weighted accumulates
     _weighted_members: set[torch.nn.Module] = PrivateAttr(default_factory=set)
     _dispatchers: list = PrivateAttr(default_factory=list)
@@ -243,21 +245,24 @@ class SharedHessianGPTQModifier(GPTQModifier):
         [n, intermediate] and each token's weight [n]: adds ``2 sum w x x^T`` to
         the expert's input Hessian and to its ``down_proj`` Hessian."""
         group = mlp.gate_proj
-        self._shrinkage.add_weights(mlp, weights)
         if group in self._shared_members:
             if group not in self._shared_hessians:
                 self._shared_hessians[group] = gptq.zero_hessian(
                     tokens.shape[-1], tokens.device
                 )
-                self._shared_num_samples[group] = torch.zeros((), device=tokens.device)
+                self._weighted_calls[group] = 0
             gptq.add_rows(self._shared_hessians[group], tokens, weights)
-            self._shared_num_samples[group] += 1
+            self._weighted_calls[group] += 1  # a count on the host: no kernel
         if mlp.down_proj in self._weighted_members:
             self._consume_rows(mlp.down_proj, intermediate, weights)
 
-    def observe_block_input(self, dispatcher, hidden_states: torch.Tensor) -> None:
-        """A weighted block's whole input of one calibrating forward."""
-        self._shrinkage.observe(dispatcher, hidden_states)
+    def observe_block_input(
+        self, dispatcher, hidden_states: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """A weighted block's whole input of one calibrating forward, and each
+        token's weight for each expert [tokens, experts] (zero where the expert is
+        not calibrated on it)."""
+        self._shrinkage.observe(dispatcher, hidden_states, weights)
 
     def record_weighted(self, mlp, hidden_states, index, routed, weights) -> bool:
         """Keep what rebuilds these statistics if the layer is planned in groups."""
@@ -295,6 +300,10 @@ class SharedHessianGPTQModifier(GPTQModifier):
         self._shrinkage.end_pass()
 
     def _compress_pending(self):
+        for group, calls in self._weighted_calls.items():
+            device = self._shared_hessians[group].device
+            self._shared_num_samples[group] = torch.tensor(float(calls), device=device)
+        self._weighted_calls.clear()
         with disable_offloading():
             self._shrinkage.apply(self, gptq.module_names(self))
         self._merge_consumed_statistics()

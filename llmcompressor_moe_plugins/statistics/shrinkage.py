@@ -85,14 +85,17 @@ def mix_in_place(
 
 @dataclass
 class WeightTotals:
-    """One expert's ``sum(w)`` and ``sum(w^2)`` over the pass (on the device)."""
+    """A block's ``sum(w)`` and ``sum(w^2)`` per expert over the pass, [2, experts]
+    on the device: a few operations per forward for all experts, not per expert."""
 
     sums: torch.Tensor | None = None
 
     def add(self, weights: torch.Tensor) -> None:
+        """``weights`` [tokens, experts]: each token's weight for each expert, zero
+        where the expert is not calibrated on it."""
         weights = weights.to(GPTQ_PRECISION)
-        step = torch.stack([weights.sum(), (weights * weights).sum()])
-        self.sums = step if self.sums is None else self.sums + step
+        step = torch.stack([weights.sum(0), (weights * weights).sum(0)])
+        self.sums = step if self.sums is None else self.sums.add_(step)
 
 
 @dataclass
@@ -132,32 +135,34 @@ class BlockTarget:
 @dataclass
 class Shrinkage:
     """``SharedHessianGPTQModifier``'s shrinkage state: a target per weighted block
-    whose mode shrinks, each expert's weight totals, and the shares applied (by
+    whose mode shrinks, each block's weight totals, and the shares applied (by
     Linear name, for reports and tests)."""
 
     targets: dict[object, BlockTarget] = field(default_factory=dict)
-    # an expert's gate_proj -> (its block's dispatcher, the expert)
-    expert_of: dict[torch.nn.Module, tuple[object, object]] = field(
+    # an expert's gate_proj -> (its block's dispatcher, the expert, its index)
+    expert_of: dict[torch.nn.Module, tuple[object, object, int]] = field(
         default_factory=dict
     )
-    totals: dict[torch.nn.Module, WeightTotals] = field(default_factory=dict)
+    totals: dict[object, WeightTotals] = field(default_factory=dict)
     shares: dict[str, float] = field(default_factory=dict)
 
     def add_block(self, dispatcher, mlps: list, strength: float) -> None:
         if strength == 0:
             return
         self.targets[dispatcher] = BlockTarget(strength, kept_rows(mlps))
-        for mlp in mlps:
-            self.expert_of[mlp.gate_proj] = (dispatcher, mlp)
+        for index, mlp in enumerate(mlps):
+            self.expert_of[mlp.gate_proj] = (dispatcher, mlp, index)
 
-    def observe(self, dispatcher, hidden_states: torch.Tensor) -> None:
+    def observe(
+        self, dispatcher, hidden_states: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """One calibrating forward: the block's input [tokens, hidden] and each
+        token's weight for each expert [tokens, experts], zero where the expert
+        is not calibrated on it."""
         target = self.targets.get(dispatcher)
         if target is not None:
             target.observe(hidden_states)
-
-    def add_weights(self, mlp, weights: torch.Tensor) -> None:
-        if mlp.gate_proj in self.expert_of:
-            self.totals.setdefault(mlp.gate_proj, WeightTotals()).add(weights)
+            self.totals.setdefault(dispatcher, WeightTotals()).add(weights)
 
     def apply(self, modifier, names: dict) -> None:
         """Mix every pending expert's Hessians (the modifier's shared input
@@ -167,22 +172,26 @@ class Shrinkage:
         are summed later (``shared_reduction``, upstream's GPTQ path): so each rank
         mixes its own parts with the global totals and counts, and only rank 0
         counts a sample, which makes the sum the one-process mix."""
-        if is_distributed():
-            # every expert of the blocks this pass observed, also those without
-            # tokens on this rank: their targets' parts are here too
-            experts = [
-                g for g, (d, _) in self.expert_of.items() if self.targets[d].tokens
-            ]
-        else:
-            experts = list(self.totals)
-        totals, counts = self._global(experts)
+        # under torchrun every expert of the blocks this pass observed, also those
+        # without tokens on this rank (their targets' parts are here too); else
+        # those with statistics pending (a budget's group, or all)
+        distributed = is_distributed()
+        blocks = [d for d, target in self.targets.items() if target.tokens]
+        if not distributed:
+            blocks = [d for d in blocks if d in self.totals]
+        totals, counts = self._global(blocks)
         sample = 1.0 if world()[0] == 0 else 0.0
         input_targets = {}  # per block: its per-token input Hessian, divided once
-        for gate_proj, (weight_sum, weight_sq_sum) in zip(experts, totals, strict=True):
-            self.totals.pop(gate_proj, None)
+        for gate_proj, (dispatcher, mlp, index) in self.expert_of.items():
+            pending = (
+                gate_proj in modifier._shared_hessians
+                or mlp.down_proj in modifier._consumed_hessians
+            )
+            if dispatcher not in totals or not (pending or distributed):
+                continue
+            weight_sum, weight_sq_sum = totals[dispatcher][index]
             if not weight_sum > 0:  # no token on any rank: nothing to solve
                 continue
-            dispatcher, mlp = self.expert_of[gate_proj]
             target = self.targets[dispatcher]
             tokens, kept = counts[dispatcher]
             weights = (weight_sum, weight_sq_sum, target.strength)
@@ -224,29 +233,34 @@ class Shrinkage:
         hessians[linear] = mix_in_place(own, weight_sum, target, share)
         return share
 
-    def _global(self, experts: list) -> tuple[list, dict]:
-        """Per expert (sum w, sum w^2), per block (tokens, kept rows): this
-        rank's, or under torchrun the sums over all ranks (one all-reduce)."""
+    def _global(self, blocks: list) -> tuple[dict, dict]:
+        """Per block, each expert's (sum w, sum w^2) and the block's (tokens,
+        kept rows): this rank's, or under torchrun the sums over all ranks (one
+        all-reduce, one copy to the CPU)."""
         sums = [
-            self.totals[g].sums.double().cpu()
-            if g in self.totals
-            else torch.zeros(2, dtype=torch.float64)
-            for g in experts
+            self.totals[d].sums.t().double()
+            if d in self.totals
+            else torch.zeros(d.num_experts, 2, dtype=torch.float64)
+            for d in blocks
         ]
         sizes = [float(x) for t in self.targets.values() for x in (t.tokens, t.kept)]
         flat = all_reduce_counts(
-            torch.cat([*sums, torch.tensor(sizes, dtype=torch.float64)])
-        ).tolist()
-        totals = list(
-            zip(
-                flat[0 : 2 * len(experts) : 2],
-                flat[1 : 2 * len(experts) : 2],
-                strict=True,
+            torch.cat(
+                [
+                    *(s.cpu().reshape(-1) for s in sums),
+                    torch.tensor(sizes, dtype=torch.float64),
+                ]
             )
-        )
-        rest = flat[2 * len(experts) :]
+        ).tolist()
+        totals, start = {}, 0
+        for dispatcher, block_sums in zip(blocks, sums, strict=True):
+            end = start + block_sums.numel()
+            totals[dispatcher] = list(
+                zip(flat[start:end:2], flat[start + 1 : end : 2], strict=True)
+            )
+            start = end
         counts = {
-            dispatcher: (rest[2 * i], rest[2 * i + 1])
+            dispatcher: (flat[start + 2 * i], flat[start + 2 * i + 1])
             for i, dispatcher in enumerate(self.targets)
         }
         return totals, counts
@@ -255,3 +269,4 @@ class Shrinkage:
         """Every observed block was solved: the next pass starts empty."""
         for dispatcher, target in self.targets.items():
             self.targets[dispatcher] = BlockTarget(target.strength, target.max_rows)
+        self.totals.clear()

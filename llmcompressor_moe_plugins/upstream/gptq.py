@@ -69,10 +69,10 @@ def add_rows(
     from llmcompressor.modifiers.gptq.helpers import GPTQ_PRECISION
 
     rows = rows.to(GPTQ_PRECISION)
-    left = rows
-    if weights is not None:
-        left = rows * weights.to(device=rows.device, dtype=GPTQ_PRECISION)[:, None]
-    hessian.addmm_(left.t(), rows, alpha=2.0)
+    left = rows.t()
+    if weights is not None:  # scales the columns of rows^T: no broadcast view
+        left = left * weights.to(device=rows.device, dtype=GPTQ_PRECISION)
+    hessian.addmm_(left, rows, alpha=2.0)
 
 
 def module_zero_hessian(module: torch.nn.Module) -> torch.Tensor:
