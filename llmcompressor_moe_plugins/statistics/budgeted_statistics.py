@@ -13,6 +13,7 @@ from compressed_tensors.offload import disable_offloading
 from compressed_tensors.offload.dist_utils import is_distributed
 from loguru import logger
 
+from ..upstream import gptq
 from .expert_budget import (
     ExpertRecord,
     GiB,
@@ -31,6 +32,8 @@ class _Block:
     mlps: list
     per_expert: list[int]
     reserved: int = 0  # the block's all-token statistics (shrinkage)
+    solve: int = 0  # one GPTQ solve of an expert's largest stack
+    budget: int | None = None
     record: ExpertRecord | None = None  # None: not planned yet (automatic budget)
     device: torch.device | None = None
 
@@ -56,7 +59,7 @@ class ExpertBudget:
             * expert_statistics_bytes(0, mlp.down_proj.weight.shape[1])
             for mlp in mlps
         ]
-        block = _Block(name, mlps, per_expert, reserved)
+        block = _Block(name, mlps, per_expert, reserved, _solve_bytes(modifier, mlps))
         self.blocks[name] = block
         for index, mlp in enumerate(mlps):
             self.expert_of[mlp.gate_proj] = (block, index)
@@ -64,7 +67,10 @@ class ExpertBudget:
             self._plan(block, int(modifier.statistics_budget_gib * GiB))
 
     def _plan(self, block: _Block, budget: int | None) -> None:
-        groups = plan_groups(block.per_expert, budget, block.name, block.reserved)
+        groups = plan_groups(
+            block.per_expert, budget, block.name, block.reserved, block.solve
+        )
+        block.budget = budget
         block.record = ExpertRecord(groups)
         message = plan_message(sum(block.per_expert), budget, len(groups))
         if message not in self.logged:  # once per run (per distinct plan)
@@ -87,9 +93,10 @@ class ExpertBudget:
         block.record.add(expert, hidden_states, index, routed, weights)
         return True
 
-    def rebuild_groups(self, modifier) -> Iterator[None]:
+    def rebuild_groups(self, modifier) -> Iterator[int]:
         """For each recorded block, each group in turn: its statistics rebuilt into
-        the modifier's (yielded for compression before the next group)."""
+        the modifier's, then yielded for compression before the next group, with
+        the bytes the group leaves of the budget for GPTQ's solves."""
         for block in self.blocks.values():
             record = block.record
             if record is None or not record.inputs:
@@ -99,5 +106,18 @@ class ExpertBudget:
                     record.replay(
                         group, block.mlps, modifier.consume_weighted, block.device
                     )
-                yield
+                held = sum(block.per_expert[expert] for expert in group)
+                yield block.budget - block.reserved - held
             block.record = ExpertRecord(record.groups)  # the next pass starts empty
+
+
+def _solve_bytes(modifier, mlps: list) -> int:
+    """GPTQ's workspace for the largest solve of one expert: gate/up stacked
+    against their shared Hessian, or down_proj."""
+    mlp = mlps[0]
+    gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+    block = modifier.block_size
+    return max(
+        gptq.solve_bytes(gate.shape[0] + up.shape[0], gate.shape[1], block),
+        gptq.solve_bytes(*down.shape, block),
+    )

@@ -294,12 +294,14 @@ class SharedHessianGPTQModifier(GPTQModifier):
         )
 
     def compress_modules(self):
-        for _ in self._budget.rebuild_groups(self):  # layers over the budget
-            self._compress_pending()
+        for room in self._budget.rebuild_groups(self):  # layers over the budget
+            self._compress_pending(room)
         self._compress_pending()
         self._shrinkage.end_pass()
 
-    def _compress_pending(self):
+    def _compress_pending(self, solve_room: int | None = None):
+        """Compress what has statistics; GPTQ's batches hold at most ``solve_room``
+        bytes of workspace where a budgeted group leaves only that."""
         for group, calls in self._weighted_calls.items():
             device = self._shared_hessians[group].device
             self._shared_num_samples[group] = torch.tensor(float(calls), device=device)
@@ -326,8 +328,9 @@ class SharedHessianGPTQModifier(GPTQModifier):
                     counts[member] = num_samples
                 continue
             stacked.append((members, hessian / num_samples))
-        compress_stacked_groups(self, stacked)
-        super().compress_modules()
+        compress_stacked_groups(self, stacked, solve_room)
+        with gptq.batches_within(self, solve_room):
+            super().compress_modules()
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if self._shared_hessians:

@@ -19,7 +19,13 @@ from loguru import logger
 
 from ..upstream import gptq
 
-__all__ = ["row_stackable", "compress_stacked", "compress_stacked_groups"]
+__all__ = [
+    "row_stackable",
+    "compress_stacked",
+    "compress_stacked_groups",
+    "batch_cap",
+    "solve_batch_cap",
+]
 
 # Per-row scales let many Linears be quantized as one tall matrix against one
 # Hessian; per-tensor scales (TENSOR, TENSOR_GROUP e.g. NVFP4) cannot be stacked so.
@@ -54,12 +60,14 @@ def compress_stacked(
 
 
 def compress_stacked_groups(
-    modifier, groups: list[tuple[list[torch.nn.Module], torch.Tensor]]
+    modifier,
+    groups: list[tuple[list[torch.nn.Module], torch.Tensor]],
+    limit: int | None = None,
 ) -> None:
     """Each ``(members, hessian)`` quantized as one stacked matrix, like
     :func:`compress_stacked`; groups that fit one call and match in shapes,
     scheme and device go to GPTQ together, as many at a time as
-    :func:`batch_cap` allows."""
+    :func:`batch_cap` allows (within ``limit`` bytes of workspace, where set)."""
     batches: dict[tuple, list] = {}
     for members, hessian in groups:
         rows = sum(m.weight.shape[0] for m in members)
@@ -75,16 +83,18 @@ def compress_stacked_groups(
         )
         batches.setdefault(key, []).append((members, hessian))
     for items in batches.values():
-        cap = batch_cap(modifier, items[0][0])
+        cap = batch_cap(modifier, items[0][0], limit)
         for start in range(0, len(items), cap):
             _solve_batch(modifier, items[start : start + cap])
 
 
-def batch_cap(modifier, members: list[torch.nn.Module]) -> int:
+def batch_cap(
+    modifier, members: list[torch.nn.Module], limit: int | None = None
+) -> int:
     """Groups per GPTQ call: ``batched_quantization`` where it is a number, one
     where it is None or off CUDA, else what 75 % of the free memory holds at
     GPTQ's peak per group (upstream's estimate for a module of the stack's
-    shape)."""
+    shape), and no more than ``limit`` bytes hold."""
     setting = modifier.batched_quantization
     if setting is None:
         return 1
@@ -94,12 +104,16 @@ def batch_cap(modifier, members: list[torch.nn.Module]) -> int:
     if torch.device(device).type != "cuda":
         return 1
     rows = sum(m.weight.shape[0] for m in members)
-    columns = members[0].weight.shape[1]
-    weight, hessian = rows * columns, columns * columns
-    block = rows * modifier.block_size
-    peak = max(hessian + 3 * weight + 4 * block, 3 * hessian + 2 * weight)
+    need = gptq.solve_bytes(rows, members[0].weight.shape[1], modifier.block_size)
     free, _ = torch.cuda.mem_get_info(device)
-    return max(1, int(free * 0.75) // (peak * 4))
+    return solve_batch_cap(need, int(free * 0.75), limit)
+
+
+def solve_batch_cap(need: int, room: int, limit: int | None) -> int:
+    """How many solves of ``need`` bytes fit ``room`` and ``limit``: at least one."""
+    if limit is not None:
+        room = min(room, limit)
+    return max(1, room // need)
 
 
 def _solve_batch(modifier, items: list[tuple[list, torch.Tensor]]) -> None:

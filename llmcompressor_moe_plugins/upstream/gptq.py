@@ -13,8 +13,9 @@ rank hold the same Hessians in the same order first and waits for every rank aft
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -28,6 +29,8 @@ __all__ = [
     "record_compressed",
     "zero_hessian",
     "add_rows",
+    "solve_bytes",
+    "batches_within",
     "module_zero_hessian",
     "ensure_same_hessian_order",
     "broadcast_qparams",
@@ -73,6 +76,40 @@ def add_rows(
     if weights is not None:  # scales the columns of rows^T: no broadcast view
         left = left * weights.to(device=rows.device, dtype=GPTQ_PRECISION)
     hessian.addmm_(left, rows, alpha=2.0)
+
+
+def solve_bytes(rows: int, columns: int, block_size: int) -> int:
+    """GPTQ's peak workspace for one ``rows`` x ``columns`` weight: upstream's own
+    estimate, which its ``max_batch_size`` computes inline (not exposed), so that
+    our budgets count a solve exactly as its ``batched_quantization="auto"`` does."""
+    weight, hessian, block = rows * columns, columns * columns, rows * block_size
+    quantization_peak = hessian + 3 * weight + 4 * block
+    actorder_peak = 3 * hessian + 2 * weight
+    return max(quantization_peak, actorder_peak) * 4  # fp32
+
+
+@contextlib.contextmanager
+def batches_within(modifier: Any, limit: int | None) -> Iterator[None]:
+    """While GPTQ compresses its pending modules, its automatic batches hold at most
+    ``limit`` bytes of solve workspace (at least one module per batch); a number or
+    None the user set is kept. ``"auto"`` alone would take 75 % of the free memory,
+    the room a budgeted layer's statistics were sized to leave."""
+    setting = modifier.batched_quantization
+    pending = list(statistics(modifier)[1])
+    if limit is None or setting != "auto" or not pending:
+        yield
+        return
+    from llmcompressor.modifiers.gptq.helpers import max_batch_size
+
+    block_size = modifier.block_size
+    largest = max(pending, key=lambda m: solve_bytes(*m.weight.shape, block_size))
+    need = solve_bytes(*largest.weight.shape, block_size)
+    cap = min(max_batch_size(largest, "auto", block_size), max(1, limit // need))
+    modifier.batched_quantization = cap
+    try:
+        yield
+    finally:
+        modifier.batched_quantization = setting
 
 
 def module_zero_hessian(module: torch.nn.Module) -> torch.Tensor:
