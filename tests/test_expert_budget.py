@@ -11,7 +11,11 @@ from transformers import AutoModelForCausalLM
 from llmcompressor_moe_plugins import MoECalibrationModifier, SharedHessianGPTQModifier
 from llmcompressor_moe_plugins.calibration.dispatch import ExpertDispatcher
 from llmcompressor_moe_plugins.calibration.modes import DEFAULT_SHRINK
-from llmcompressor_moe_plugins.statistics import expert_budget, stacked_gptq
+from llmcompressor_moe_plugins.statistics import (
+    expert_budget,
+    shared_hessian_gptq,
+    stacked_gptq,
+)
 from llmcompressor_moe_plugins.statistics.expert_budget import (
     GiB,
     expert_statistics_bytes,
@@ -68,23 +72,29 @@ def test_groups_give_the_one_pass_weights(
     monkeypatch.setattr(
         SharedHessianGPTQModifier, "_compress_pending", compress_pending
     )
-    settings = []  # batched_quantization as upstream's compression sees it
-    compress_list = SharedHessianGPTQModifier.compress_module_list
+    limits = []  # (stacked, upstream) batch limits of each compression
+    stacked_groups = shared_hessian_gptq.compress_stacked_groups
+    batches_within = gptq.batches_within
 
-    def compress_module_list(self, modules):
-        settings.append(self.batched_quantization)
-        return compress_list(self, modules)
+    def compress_stacked_groups(modifier, groups, limit=None):
+        limits.append(("stacked", limit))
+        return stacked_groups(modifier, groups, limit)
+
+    def bounded(modifier, limit):
+        limits.append(("upstream", limit))
+        return batches_within(modifier, limit)
 
     monkeypatch.setattr(
-        SharedHessianGPTQModifier, "compress_module_list", compress_module_list
+        shared_hessian_gptq, "compress_stacked_groups", compress_stacked_groups
     )
+    monkeypatch.setattr(gptq, "batches_within", bounded)
     one_pass, plans = run(glm4_dir, tokenizer, calibration_data)
     assert max(held) == 2 * EXPERTS  # gate/up and down_proj of every expert
     assert set(rooms) == {None}  # one pass: upstream's automatic batches
-    assert set(settings) == {"auto"}
+    assert {limit for _, limit in limits} == {None}
     held.clear()
     rooms.clear()
-    settings.clear()
+    limits.clear()
     assert plans == [
         f"per-expert statistics: {EXPERTS * tiny_expert_bytes(one_pass) / 2**20:.2f} "
         "MiB per layer within no budget: one pass"
@@ -108,8 +118,10 @@ def test_groups_give_the_one_pass_weights(
     expected = budget_bytes - reserved - 4 * tiny_expert_bytes(one_pass)
     assert set(group_rooms) == {expected}
     assert expected >= solve
-    # upstream's batches bounded too (on the CPU its automatic number is 1)
-    assert 1 in settings and set(settings) <= {1, "auto"}, settings
+    # both kinds of GPTQ batches get each group's room (None: what has
+    # statistics before the groups, with none of them held)
+    for kind in ("stacked", "upstream"):
+        assert [limit for k, limit in limits if k == kind] == rooms, limits
     linears = {
         name: module
         for name, module in one_pass.named_modules()
@@ -168,16 +180,21 @@ def test_a_budgeted_groups_gptq_batches_stay_in_what_it_leaves(monkeypatch):
     assert solve_batch_cap(gate_up, int(0.75 * 40 * GiB), 1) == 1  # at least one
     assert solve_batch_cap(gate_up, 2 * gate_up, room) == 2  # free memory decides
 
-    # upstream's own batches (down_proj, the layer's other Linears) likewise: the
-    # largest pending Linear's solve sets the number per batch
+    # upstream's own batches (a group's down_proj solves) likewise: the largest
+    # Linear that shares its shape sets the number; one alone in its shape (an
+    # o_proj) is never batched and does not
     modifier = SharedHessianGPTQModifier(targets=["Linear"], scheme="W4A16")
-    downs = [torch.nn.Linear(128, 256, bias=False) for _ in range(8)]
     _hessians, counts = gptq.statistics(modifier)
-    counts.update({down: 1 for down in [*downs, torch.nn.Linear(64, 64)]})
+    alone = torch.nn.Linear(1024, 1024, bias=False)
+    smaller = [torch.nn.Linear(64, 64, bias=False) for _ in range(2)]
+    downs = [torch.nn.Linear(128, 256, bias=False) for _ in range(8)]
+    counts.update({linear: 1 for linear in [alone, *smaller, *downs]})
     need = gptq.solve_bytes(256, 128, modifier.block_size)
     monkeypatch.setattr(helpers, "max_batch_size", lambda module, setting, bs: 1000)
     seen = []
     with gptq.batches_within(modifier, 5 * need + 1):
+        seen.append(modifier.batched_quantization)
+    with gptq.batches_within(modifier, need - 1):  # at least one
         seen.append(modifier.batched_quantization)
     with gptq.batches_within(modifier, None):  # one pass: upstream's own
         seen.append(modifier.batched_quantization)
@@ -188,8 +205,28 @@ def test_a_budgeted_groups_gptq_batches_stay_in_what_it_leaves(monkeypatch):
     monkeypatch.setattr(helpers, "max_batch_size", lambda module, setting, bs: 2)
     with gptq.batches_within(modifier, 5 * need):  # free memory decides
         seen.append(modifier.batched_quantization)
-    assert seen == [5, "auto", 16, 2]
-    assert modifier.batched_quantization == "auto"  # restored
+    assert seen == [5, 1, "auto", 16, 2]
+    with pytest.raises(RuntimeError), gptq.batches_within(modifier, need):
+        raise RuntimeError("a failed solve")
+    assert modifier.batched_quantization == "auto"  # restored, even after a failure
+    counts.clear()
+    with gptq.batches_within(modifier, need):  # nothing pending: nothing to bound
+        assert modifier.batched_quantization == "auto"
+
+
+@pytest.mark.parametrize("shape", [(2048, 7168), (7168, 2048), (4096, 7168), (3, 5)])
+def test_a_solve_is_counted_as_upstreams_automatic_batches_count_it(monkeypatch, shape):
+    free = 100 * GiB
+    monkeypatch.setattr(helpers, "get_execution_device", lambda module: "cuda:0")
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(
+        torch,
+        "get_device_module",
+        lambda *device: type("cuda", (), {"mem_get_info": lambda d: (free, free)}),
+    )
+    linear = torch.nn.Linear(shape[1], shape[0], bias=False, device="meta")
+    upstream_cap = helpers.max_batch_size(linear, "auto", 128)
+    assert upstream_cap == int(free * 0.75) // gptq.solve_bytes(*shape, 128)
 
 
 def test_stacked_solves_are_batched_within_the_groups_room(monkeypatch):

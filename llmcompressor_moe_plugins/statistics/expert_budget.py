@@ -77,15 +77,15 @@ def plan_groups(
 ) -> list[list[int]]:
     """The layer's experts (by index) in contiguous groups whose statistics each fit
     ``budget`` bytes less ``reserved`` (statistics the layer holds besides the
-    experts') and, once the layer is split, less ``solve`` (one GPTQ solve's
-    workspace: a group's solves run within what the group leaves of the budget);
-    one group where they all fit or there is no budget. Raises the one-line error
-    where a single expert's statistics exceed what is left."""
+    experts'); one group where they all fit or there is no budget. A split layer's
+    groups also leave ``solve`` bytes (one GPTQ solve's workspace: a group's solves
+    are batched within what it leaves) where the budget allows more than one expert
+    a group. Raises the one-line error where a single expert's statistics exceed
+    what is left."""
     experts = list(range(len(per_expert)))
     if budget is None or sum(per_expert) + reserved <= budget:
         return [experts]
     largest = max(per_expert)
-    reserved += solve
     if largest + reserved > budget:
         besides = f" besides the layer's {_size(reserved)}" if reserved else ""
         raise ValueError(
@@ -94,8 +94,7 @@ def plan_groups(
             f"{_size(budget)}; raise {BUDGET_FLAG} to at least "
             f"{math.ceil((largest + reserved) / GiB * 1e4) / 1e4}"
         )
-    budget -= reserved
-    per_group = max(1, budget // largest)
+    per_group = max(1, (budget - reserved - solve) // largest)
     count = math.ceil(len(experts) / per_group)
     size = math.ceil(len(experts) / count)  # even groups, each within budget
     return [experts[i : i + size] for i in range(0, len(experts), size)]

@@ -294,9 +294,11 @@ class SharedHessianGPTQModifier(GPTQModifier):
         )
 
     def compress_modules(self):
+        # what has statistics now first (a split layer's attention and shared
+        # experts too, while none of its groups is held), then the groups
+        self._compress_pending()
         for room in self._budget.rebuild_groups(self):  # layers over the budget
             self._compress_pending(room)
-        self._compress_pending()
         self._shrinkage.end_pass()
 
     def _compress_pending(self, solve_room: int | None = None):

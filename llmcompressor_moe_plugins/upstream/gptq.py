@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -95,14 +96,16 @@ def batches_within(modifier: Any, limit: int | None) -> Iterator[None]:
     None the user set is kept. ``"auto"`` alone would take 75 % of the free memory,
     the room a budgeted layer's statistics were sized to leave."""
     setting = modifier.batched_quantization
-    pending = list(statistics(modifier)[1])
-    if limit is None or setting != "auto" or not pending:
+    shapes = Counter(tuple(m.weight.shape) for m in statistics(modifier)[1])
+    # a Linear alone in its shape is never batched: only the others set the number
+    batched = [m for m in statistics(modifier)[1] if shapes[tuple(m.weight.shape)] > 1]
+    if limit is None or setting != "auto" or not batched:
         yield
         return
     from llmcompressor.modifiers.gptq.helpers import max_batch_size
 
     block_size = modifier.block_size
-    largest = max(pending, key=lambda m: solve_bytes(*m.weight.shape, block_size))
+    largest = max(batched, key=lambda m: solve_bytes(*m.weight.shape, block_size))
     need = solve_bytes(*largest.weight.shape, block_size)
     cap = min(max_batch_size(largest, "auto", block_size), max(1, limit // need))
     modifier.batched_quantization = cap
