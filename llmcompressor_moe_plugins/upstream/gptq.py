@@ -96,10 +96,9 @@ def batches_within(modifier: Any, limit: int | None) -> Iterator[None]:
     None the user set is kept. ``"auto"`` alone would take 75 % of the free memory,
     the room a budgeted layer's statistics were sized to leave."""
     setting = modifier.batched_quantization
-    shapes = Counter(tuple(m.weight.shape) for m in statistics(modifier)[1])
-    # a Linear alone in its shape is never batched: only the others set the number
-    batched = [m for m in statistics(modifier)[1] if shapes[tuple(m.weight.shape)] > 1]
-    if limit is None or setting != "auto" or not batched:
+    automatic = limit is not None and setting == "auto"
+    batched = _batched_modules(modifier) if automatic else []
+    if not batched:
         yield
         return
     from llmcompressor.modifiers.gptq.helpers import max_batch_size
@@ -113,6 +112,13 @@ def batches_within(modifier: Any, limit: int | None) -> Iterator[None]:
         yield
     finally:
         modifier.batched_quantization = setting
+
+
+def _batched_modules(modifier: Any) -> list[torch.nn.Module]:
+    """The pending modules GPTQ may batch: a Linear alone in its shape never is."""
+    pending = list(statistics(modifier)[1])
+    shapes = Counter(tuple(m.weight.shape) for m in pending)
+    return [m for m in pending if shapes[tuple(m.weight.shape)] > 1]
 
 
 def module_zero_hessian(module: torch.nn.Module) -> torch.Tensor:
