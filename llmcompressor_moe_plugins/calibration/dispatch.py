@@ -11,10 +11,10 @@ textbook layer, the generic path and third-party modules:
 - the no-empty-call rule and chunking of extra (statistics-only) calls;
 - the weight-computed paths: all-expert calibration forwards and routing-weighted
   statistics handed to a statistics consumer, and unobserved forwards computed
-  straight from the weights;
+  straight from the weights (on a GPU, in one grouped GEMM per projection);
 - combining the outputs with the real routing weights, in the order
   ``LinearExperts2D.forward`` (or the block's own loop) uses, so outputs are
-  bit-identical to the original block's.
+  bit-identical to the original block's (the grouped GEMMs' up to their rounding).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import torch
 from loguru import logger
 
 from .. import upstream
+from . import grouped_experts
 from .batched_experts import ExpertInputConsumer, GatedMLP
 from .decisions import EXPERT_WIDTH, BlockDecisions
 from .from_weights import WeightComputedPaths
@@ -111,6 +112,8 @@ class ExpertDispatcher(WeightComputedPaths):
         # chunk width): on a batch with tokens, the same on every rank
         self.decisions = BlockDecisions(name)
         self._gated_mlp_list: list[GatedMLP] | None = None
+        # unobserved forwards in grouped GEMMs: None until checked against the loop
+        self._grouped_agrees: bool | None = None
         self._paths_logged: set[str] = set()
 
     # -- counts ---------------------------------------------------------------
@@ -125,6 +128,10 @@ class ExpertDispatcher(WeightComputedPaths):
         if self.routed_counts is None:
             return zeros, list(zeros)
         return self.routed_counts.tolist(), self.calibrated_counts.tolist()
+
+    def remove(self) -> None:
+        """At the block's restore: free what the dispatcher holds on the device."""
+        grouped_experts.drop_stack(owner=self)
 
     # -- the forward ----------------------------------------------------------
 
@@ -142,6 +149,15 @@ class ExpertDispatcher(WeightComputedPaths):
         calibrating = upstream.hooks_enabled()
         selected = self._select(routed, routing) if calibrating else None
         busiest = max(routed_tokens.counts)
+        grouped = None
+        if calibrating:
+            grouped_experts.drop_stack()  # statistics need the memory now
+        else:
+            grouped = self._grouped_forward(
+                hidden_states, routed_tokens, indices.shape[1]
+            )
+            if grouped is not None and self._grouped_agrees:
+                return grouped
 
         if calibrating:
             combined = self._forward_from_weights(
@@ -195,6 +211,8 @@ class ExpertDispatcher(WeightComputedPaths):
             routing_weights = routed_tokens.routing_weights[expert_index]
             weighted_output = output * routing_weights[:, None]
             combined.index_add_(0, tokens, weighted_output.to(combined.dtype))
+        if grouped is not None:  # the block's first grouped forward
+            self._check_grouped(grouped, combined)
         return combined
 
     def _select(self, routed: torch.Tensor, routing: Routing) -> torch.Tensor:

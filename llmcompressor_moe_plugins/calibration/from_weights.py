@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from loguru import logger
 
+from . import grouped_experts
 from .batched_experts import (
     GatedMLP,
     forward_from_weights,
@@ -21,7 +22,7 @@ from .batched_experts import (
 from .decisions import EXPERTS_MATCH
 from .modes import AllExpertsMode, WeightedMode
 from .routing import NOT_GATED_MLPS
-from .tokens import dense_routing_weights
+from .tokens import RoutedTokens, dense_routing_weights
 
 __all__ = ["WeightComputedPaths"]
 
@@ -255,3 +256,58 @@ class WeightComputedPaths:
                 "(their weights alone do not reproduce them bit for bit)",
             )
         return mlps if match is not None and match[1] else self.experts
+
+    # -- unobserved forwards in grouped GEMMs ---------------------------------
+
+    def _grouped_forward(
+        self, hidden_states: torch.Tensor, routed: RoutedTokens, top_k: int
+    ) -> torch.Tensor | None:
+        """The combined output from one grouped GEMM per projection
+        (``grouped_experts``), or None where that does not apply: the experts are
+        not exactly their weights' gated MLPs with nothing listening, the device or
+        dtype has no grouped GEMMs, the stack does not fit, or the block's check
+        against the loop failed."""
+        if self._grouped_agrees is False:
+            return None
+        mlps = self._callable_experts(hidden_states, calibrating=False)
+        if mlps is self.experts or not grouped_experts.supported(mlps, hidden_states):
+            return None
+        stack = grouped_experts.stack_for(self, mlps)
+        if stack is None:
+            self._log_once(
+                "no-stack",
+                f"stacking the experts ({grouped_experts.stack_bytes(mlps) / 2**30:.1f}"
+                f" GiB) exceeds {grouped_experts.STACK_FRACTION:.0%} of the free "
+                "device memory: unobserved forwards call each expert",
+            )
+            return None
+        return grouped_experts.grouped_forward(
+            stack,
+            mlps[0].activate,
+            hidden_states,
+            routed,
+            top_k,
+        )
+
+    def _check_grouped(self, grouped: torch.Tensor, loop: torch.Tensor) -> None:
+        """Decide once whether the grouped GEMMs give this block's loop output up to
+        rounding (the loop's output is the one used meanwhile)."""
+        error = (grouped.float() - loop.float()).norm() / loop.float().norm().clamp_min(
+            1e-12
+        )
+        self._grouped_agrees = bool(error <= grouped_experts.AGREEMENT)
+        if self._grouped_agrees:
+            # said once per run at info (the first block), then per block at debug
+            log = logger.debug if grouped_experts.stack_builds > 1 else logger.info
+            log(
+                f"{self.name}: unobserved forwards in one grouped GEMM per "
+                "projection (relative difference from calling each expert "
+                f"{float(error):.1e})"
+            )
+        else:
+            grouped_experts.drop_stack()
+            logger.warning(
+                f"MoE block {self.name}: grouped GEMMs differ from calling each "
+                f"expert by {float(error):.1e} (relative); its unobserved forwards "
+                "call each expert"
+            )

@@ -11,9 +11,11 @@ this subpackage only, and :mod:`.hookpoints` says which name changed.
 - :mod:`.hooks`: llmcompressor's hook state; torch's per-module hook dicts.
 - :mod:`.gptq`: GPTQModifier's private statistics; its aligned ``compress_modules``.
 - :mod:`.moe`, :mod:`.quantization`: MoE modeling and scheme-resolution internals.
-- :mod:`.compat`: CPU-only workarounds; :mod:`.logs`: oneshot's torchrun logging.
+- :mod:`.compat`: CPU-only workarounds, a tensor's version counter;
+  :mod:`.logs`: oneshot's torchrun logging.
 """
 
+from .compat import tensor_version
 from .hookpoints import UpstreamChangedError, require_supported
 from .hooks import (
     global_hooks_attached,
@@ -57,4 +59,5 @@ __all__ = [
     "end_run_outside_oneshot",
     "run_active",
     "keep_logging_configuration",
+    "tensor_version",
 ]

@@ -1,4 +1,5 @@
-"""Workarounds for upstream behaviour on machines without an accelerator."""
+"""Workarounds for upstream behaviour on machines without an accelerator, and
+torch's in-place change counter of a tensor."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Iterator
 import torch
 from compressed_tensors.utils import patch_attr
 
-__all__ = ["cpu_only_calibration"]
+__all__ = ["cpu_only_calibration", "tensor_version"]
 
 
 def _has_accelerator() -> bool:
@@ -38,3 +39,11 @@ def cpu_only_calibration() -> Iterator[None]:
 
 def _skip_pin(cls, intermediate) -> None:
     return None
+
+
+def tensor_version(tensor: torch.Tensor) -> int:
+    """How many in-place changes ``tensor``'s storage has had (``Tensor._version``,
+    autograd's own check that a saved tensor is unchanged; no public name). GPTQ's
+    and AWQ's weight updates are in place, so a copy of weights keyed on it is
+    never stale."""
+    return tensor._version
