@@ -410,8 +410,13 @@ def run_child(spec: dict) -> dict:
         "SharedHessianGPTQModifier": SharedHessianGPTQModifier,
     }[gptq_name]
     cuda = torch.cuda.is_available()
+    ballast = 0
     if cuda:
         _warm_up_cuda()
+        if spec.get("card_gib"):  # a smaller card's memory on a larger one
+            _free, total = torch.cuda.mem_get_info()
+            ballast = max(0, total - int(spec["card_gib"] * 2**30))
+            held = torch.empty(ballast, dtype=torch.uint8, device="cuda")  # noqa: F841
     rss = PeakRSS()
     model_dir = spec["model_dir"]
 
@@ -504,8 +509,11 @@ def run_child(spec: dict) -> dict:
         "load_s": load_s,
         "linearize_s": linearize_s,
         "oneshot_s": oneshot_s,
-        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if cuda else None,
-        "peak_gpu_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() - ballast if cuda else None,
+        "peak_gpu_reserved_bytes": (
+            torch.cuda.max_memory_reserved() - ballast if cuda else None
+        ),
+        "card_gib": spec.get("card_gib"),
         "rss_before_oneshot_bytes": rss_before,
         "peak_rss_bytes": peak_rss,
         "experts": len(calibrated),
@@ -711,6 +719,12 @@ def main() -> None:
         help="SharedHessianGPTQModifier's statistics_budget_gib (default: auto)",
     )
     parser.add_argument(
+        "--card-gib",
+        type=float,
+        help="occupy the GPU beyond this many GiB before each run, so a larger card "
+        "plans and fails as this one would (79.18: an H100 80GB); peaks exclude it",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="time the phases of each run (benchmarks/phase_timers.py)",
@@ -787,6 +801,7 @@ def main() -> None:
                     "model_dir": str(model_dir),
                     "data": str(data),
                     "statistics_budget_gib": args.statistics_budget_gib,
+                    "card_gib": args.card_gib,
                     "profile": args.profile or args.count_ops,
                     "count_ops": args.count_ops,
                 }
