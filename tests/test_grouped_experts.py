@@ -118,16 +118,19 @@ def test_an_expert_changed_in_place_is_restacked(block, grouped_on_cpu):
     assert relative_error(output, changed) < ROUNDING
 
 
-def test_a_calibrating_forward_and_the_restore_drop_the_stack(
-    block, grouped_on_cpu, tmp_path
-):
+def test_a_calibrating_forward_drops_the_stack(block, grouped_on_cpu):
     x = torch.randn(2, 30, 128)
     module = swapped(block)
     propagate(module, x)
     propagate(module, x)
     assert grouped_experts.held_stack() is not None
+    following = swapped(linearized_block(n_routed_experts=EXPERTS))
     with torch.no_grad():
-        module(x)  # hooks on: the next layer's calibration
+        following(x)  # hooks on: the next layer's calibration
+    assert grouped_experts.held_stack() is None
+    propagate(module, x)
+    with torch.no_grad():
+        module(x)  # its own, in a mode that calibrates without the stack
     assert grouped_experts.held_stack() is None
 
 
@@ -204,3 +207,118 @@ def test_experts_with_biases_keep_the_loop(block, grouped_on_cpu):
     assert grouped_experts.supported(mlps, x)
     mlps[0].down_proj.bias = torch.nn.Parameter(torch.zeros(128))
     assert not grouped_experts.supported(mlps, x)
+
+
+# -- weighted calibrating forwards (the default mode) --------------------------
+
+
+def calibrate_twice(block, x, monkeypatch, budget_gib=None):
+    """Two calibrating forwards of the default mode under the shared-Hessian GPTQ
+    modifier (a floor high enough to give most experts extra tokens), then the
+    layer's compression; returns the Hessians each Linear was solved against and
+    the outputs."""
+    from .test_weighted_hessians import SolveRecorder
+
+    with monkeypatch.context() as patches:  # undone for the next run
+        return _calibrate_twice(block, x, SolveRecorder(patches), budget_gib)
+
+
+def _calibrate_twice(block, x, solves, budget_gib):
+    from llmcompressor.core import State
+
+    from llmcompressor_moe_plugins import SharedHessianGPTQModifier, upstream
+    from llmcompressor_moe_plugins.defaults import DEFAULT_MODE
+
+    module = calibration_module(
+        CalibrationGlm4MoeMoE, block, block.config, DEFAULT_MODE, floor=80
+    )
+    model = torch.nn.ModuleDict({"mlp": module})
+    state = State(model=model)
+    modifier = SharedHessianGPTQModifier(
+        targets=["Linear"],
+        scheme="W4A16",
+        ignore=["re:.*gate$"],
+        statistics_budget_gib=budget_gib,
+    )
+    try:
+        modifier.initialize(state)
+        modifier.on_calibration_start(state, None)
+        with torch.no_grad():
+            outputs = [module(x), module(x)]
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        modifier.on_sequential_epoch_end(state, None, modules=linears)
+        modifier.on_calibration_end(state, None)
+        modifier.finalize(state)
+    finally:
+        upstream.end_run()
+    names = {m: n for n, m in model.named_modules()}
+    return {names[m]: h for m, h in solves.solved.items()}, outputs, module
+
+
+class Calls:
+    def __init__(self, monkeypatch, owner, name):
+        self.count = 0
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+
+
+def test_weighted_forwards_give_the_loops_statistics_and_outputs(monkeypatch):
+    x = torch.randn(60, 128)
+    expected, expected_outputs, _ = calibrate_twice(
+        linearized_block(n_routed_experts=EXPERTS), x, monkeypatch
+    )
+    monkeypatch.setattr(grouped_experts, "device_runs_grouped_gemms", lambda *_: True)
+    grouped = Calls(monkeypatch, grouped_experts, "weighted_forward")
+    block = linearized_block(n_routed_experts=EXPERTS)
+    builds = grouped_experts.stack_builds
+    try:
+        solved, outputs, module = calibrate_twice(block, x, monkeypatch)
+    finally:
+        grouped_experts.drop_stack()
+    assert grouped.count == 1  # the second forward; the first checked it
+    assert grouped_experts.stack_builds == builds + 1  # kept between forwards
+    _, calibrated = module.dispatcher.counts()
+    routed, _ = module.dispatcher.counts()
+    assert min(calibrated) >= 80 and sum(calibrated) > sum(routed)  # extra tokens
+    assert torch.equal(outputs[0], expected_outputs[0])  # the loop's, while checked
+    assert relative_error(outputs[1], expected_outputs[1]) < ROUNDING
+    assert solved.keys() == expected.keys()
+    experts = [n for n in solved if ".experts." in n]
+    assert len(experts) == 3 * EXPERTS
+    for name in experts:
+        for ours, loop in zip(solved[name], expected[name], strict=True):
+            assert relative_error(ours, loop) < ROUNDING, name
+
+
+def test_a_layer_split_by_the_budget_keeps_its_recorded_statistics(monkeypatch):
+    x = torch.randn(60, 128)
+    budget = 0.002  # GiB: the block in groups of a few experts
+    from llmcompressor_moe_plugins.statistics import budgeted_statistics
+
+    plans = []
+    plan_groups = budgeted_statistics.plan_groups
+    monkeypatch.setattr(
+        budgeted_statistics,
+        "plan_groups",
+        lambda *a, **k: plans.append(plan_groups(*a, **k)) or plans[-1],
+    )
+    expected, _, _ = calibrate_twice(
+        linearized_block(n_routed_experts=EXPERTS), x, monkeypatch, budget
+    )
+    monkeypatch.setattr(grouped_experts, "device_runs_grouped_gemms", lambda *_: True)
+    grouped = Calls(monkeypatch, grouped_experts, "weighted_forward")
+    block = linearized_block(n_routed_experts=EXPERTS)
+    try:
+        solved, _, _ = calibrate_twice(block, x, monkeypatch, budget)
+    finally:
+        grouped_experts.drop_stack()
+    assert grouped.count == 0
+    assert len(plans) == 2 and len(plans[-1]) > 1  # one plan a run, in groups
+    for name, hessians in expected.items():
+        for ours, loop in zip(solved[name], hessians, strict=True):
+            assert torch.equal(ours, loop), name

@@ -150,8 +150,8 @@ class ExpertDispatcher(WeightComputedPaths):
         selected = self._select(routed, routing) if calibrating else None
         busiest = max(routed_tokens.counts)
         grouped = None
-        if calibrating:
-            grouped_experts.drop_stack()  # statistics need the memory now
+        if calibrating:  # statistics need the memory: only this block's may stay
+            grouped_experts.drop_stack(unless_owner=self)
         else:
             grouped = self._grouped_forward(
                 hidden_states, routed_tokens, indices.shape[1]
@@ -183,6 +183,28 @@ class ExpertDispatcher(WeightComputedPaths):
                 self, hidden_states, torch.where(calibrated, token_weights, 0.0)
             )
         extras = extra_token_indices(routed, selected)
+        if calibrating:
+            stack = self._statistics_stack(hidden_states, weighted)
+            if stack is not None and self._grouped_agrees:
+                return grouped_experts.weighted_forward(
+                    stack,
+                    self.gated_mlps(),
+                    hidden_states,
+                    routed_tokens,
+                    extras,
+                    token_weights,
+                    routed_token_weights,
+                    weighted.consume_weighted,
+                    indices.shape[1],
+                )
+            if stack is not None:  # checked against this forward's loop first
+                grouped = grouped_experts.grouped_forward(
+                    stack,
+                    self.gated_mlps()[0].activate,
+                    hidden_states,
+                    routed_tokens,
+                    indices.shape[1],
+                )
         combined = torch.zeros_like(hidden_states)
         experts = self._callable_experts(hidden_states, calibrating)
         for expert_index in range(num_experts):

@@ -257,7 +257,7 @@ class WeightComputedPaths:
             )
         return mlps if match is not None and match[1] else self.experts
 
-    # -- unobserved forwards in grouped GEMMs ---------------------------------
+    # -- forwards in grouped GEMMs --------------------------------------------
 
     def _grouped_forward(
         self, hidden_states: torch.Tensor, routed: RoutedTokens, top_k: int
@@ -274,12 +274,7 @@ class WeightComputedPaths:
             return None
         stack = grouped_experts.stack_for(self, mlps)
         if stack is None:
-            self._log_once(
-                "no-stack",
-                f"stacking the experts ({grouped_experts.stack_bytes(mlps) / 2**30:.1f}"
-                f" GiB) exceeds {grouped_experts.STACK_FRACTION:.0%} of the free "
-                "device memory: unobserved forwards call each expert",
-            )
+            self._log_unstacked(mlps)
             return None
         return grouped_experts.grouped_forward(
             stack,
@@ -287,6 +282,39 @@ class WeightComputedPaths:
             hidden_states,
             routed,
             top_k,
+        )
+
+    def _statistics_stack(self, hidden_states: torch.Tensor, consumer):
+        """The experts' stack for a weighted calibrating forward in grouped GEMMs,
+        or None (and this block's stack freed) where that does not apply: no
+        weighted consumer, experts not exactly their gated MLPs or observed by
+        others, no grouped GEMMs here, statistics recorded for a budget's groups
+        (then only the routed outputs are computed), or the block's check failed."""
+        mlps = self.gated_mlps()
+        usable = (
+            consumer is not None
+            and self._grouped_agrees is not False
+            and self._exact()
+            and hasattr(consumer, "weighted_in_one_pass")
+            and grouped_experts.supported(mlps, hidden_states)
+            and consumer.accepts([linear for mlp in mlps for linear in mlp.linears])
+            # planned first: the automatic budget sees the memory before the stack
+            and consumer.weighted_in_one_pass(mlps[0], hidden_states)
+        )
+        if not usable:
+            grouped_experts.drop_stack(owner=self)
+            return None
+        stack = grouped_experts.stack_for(self, mlps)
+        if stack is None:
+            self._log_unstacked(mlps)
+        return stack
+
+    def _log_unstacked(self, mlps: list[GatedMLP]) -> None:
+        self._log_once(
+            "no-stack",
+            f"stacking the experts ({grouped_experts.stack_bytes(mlps) / 2**30:.1f}"
+            f" GiB) exceeds {grouped_experts.STACK_FRACTION:.0%} of the free "
+            "device memory: each expert is called",
         )
 
     def _check_grouped(self, grouped: torch.Tensor, loop: torch.Tensor) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "stack_for",
     "sum_in_expert_order",
     "supported",
+    "weighted_forward",
 ]
 
 # the statistics budget's share of the free memory (``expert_budget.AUTO_FRACTION``):
@@ -145,10 +146,13 @@ def held_stack() -> ExpertStack | None:
     return _held
 
 
-def drop_stack(owner: object | None = None) -> None:
-    """Free the stack (a calibrating forward), or only ``owner``'s (its restore)."""
+def drop_stack(owner: object | None = None, unless_owner: object | None = None):
+    """Free the stack: any, only ``owner``'s (its restore), or any but
+    ``unless_owner``'s (a calibrating forward of that block)."""
     global _held
-    if owner is None or (_held is not None and _held.owner == id(owner)):
+    if _held is None or (owner is not None and _held.owner != id(owner)):
+        return
+    if unless_owner is None or _held.owner != id(unless_owner):
         _held = None
 
 
@@ -179,6 +183,7 @@ def _allocatable(weight: torch.Tensor) -> float:
     return free + cached - torch.cuda.memory_allocated(weight.device)
 
 
+@torch.no_grad()
 def grouped_forward(
     stack: ExpertStack,
     activate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -189,18 +194,94 @@ def grouped_forward(
     """The block's combined expert output for ``hidden_states`` [tokens, hidden]:
     what the loop over experts gives, up to the rounding of the GEMMs."""
     width = stack.down.shape[-1]
-    ends = torch.tensor(routed.counts).cumsum(0, dtype=torch.int32)
-    ends = ends.to(hidden_states.device, non_blocking=True)
-    with torch.no_grad():
-        rows = hidden_states[routed.tokens]
-        gate_up = F.grouped_mm(rows, stack.gate_up.transpose(1, 2), offs=ends)
-        intermediate = activate(gate_up[:, :width], gate_up[:, width:])
-        output = F.grouped_mm(intermediate, stack.down.transpose(1, 2), offs=ends)
-        weights = torch.cat(routed.routing_weights)
-        weighted = (output * weights[:, None]).to(hidden_states.dtype)
-        return sum_in_expert_order(
-            weighted, routed.tokens, hidden_states.shape[0], top_k
+    rows = hidden_states[routed.tokens]
+    ends = _ends(routed.counts, rows)
+    gate_up = F.grouped_mm(rows, stack.gate_up.transpose(1, 2), offs=ends)
+    intermediate = activate(gate_up[:, :width], gate_up[:, width:])
+    output = F.grouped_mm(intermediate, stack.down.transpose(1, 2), offs=ends)
+    return _combined(output, hidden_states, routed, top_k)
+
+
+@torch.no_grad()
+def weighted_forward(
+    stack: ExpertStack,
+    mlps: Sequence[GatedMLP],
+    hidden_states: torch.Tensor,
+    routed: RoutedTokens,
+    extras: Sequence[torch.Tensor | None],
+    token_weights: torch.Tensor,
+    routed_token_weights: Sequence[torch.Tensor],
+    consume: Callable[[GatedMLP, torch.Tensor, torch.Tensor, torch.Tensor], None],
+    top_k: int,
+) -> torch.Tensor:
+    """A routing-weighted calibrating forward: every expert's routed and extra
+    tokens (in that order, as the loop hands them) through ``gate``/``up`` in one
+    grouped GEMM; each expert's rows, ``down_proj`` inputs and token weights handed
+    to ``consume``; the routed rows through ``down`` in another grouped GEMM and
+    combined as :func:`grouped_forward` does.
+
+    :param token_weights: [tokens, experts] each token's weight for each expert
+    :param routed_token_weights: per expert, ``token_weights`` of its routed tokens
+    """
+    width = stack.down.shape[-1]
+    extra_counts = [0 if t is None else t.numel() for t in extras]
+    if any(extra_counts):  # one gather for every expert's extra tokens
+        extra_tokens = torch.cat([t for t in extras if t is not None])
+        owners = torch.repeat_interleave(
+            torch.tensor(extra_counts, device=extra_tokens.device),
+            output_size=extra_tokens.numel(),
         )
+        extra_weights = token_weights[extra_tokens, owners].split(extra_counts)
+    pieces, weights = [], []
+    for expert, count in enumerate(extra_counts):
+        pieces.append(routed.by_expert[expert])
+        weights.append(routed_token_weights[expert])
+        if count:
+            pieces.append(extras[expert])
+            weights.append(extra_weights[expert])
+    counts = [r + e for r, e in zip(routed.counts, extra_counts, strict=True)]
+    rows = hidden_states[torch.cat(pieces)]
+    row_weights = torch.cat(weights)
+    gate_up = F.grouped_mm(
+        rows, stack.gate_up.transpose(1, 2), offs=_ends(counts, rows)
+    )
+    intermediate = mlps[0].activate(gate_up[:, :width], gate_up[:, width:])
+    start = 0
+    for mlp, count in zip(mlps, counts, strict=True):
+        if count:
+            end = start + count
+            consume(
+                mlp, rows[start:end], intermediate[start:end], row_weights[start:end]
+            )
+            start = end
+    if any(extra_counts):  # the routed rows' intermediates only
+        routed_counts = torch.tensor(routed.counts)
+        shift = _starts(torch.tensor(counts)) - _starts(routed_counts)
+        positions = torch.arange(routed.tokens.numel())
+        positions += shift.repeat_interleave(routed_counts)
+        intermediate = intermediate[positions.to(intermediate.device)]
+    output = F.grouped_mm(
+        intermediate, stack.down.transpose(1, 2), offs=_ends(routed.counts, rows)
+    )
+    return _combined(output, hidden_states, routed, top_k)
+
+
+def _starts(counts: torch.Tensor) -> torch.Tensor:
+    return counts.cumsum(0) - counts
+
+
+def _ends(counts: list[int], like: torch.Tensor) -> torch.Tensor:
+    """Each group's end row, as the grouped GEMM takes them."""
+    ends = torch.tensor(counts).cumsum(0, dtype=torch.int32)
+    return ends.to(like.device, non_blocking=True)
+
+
+def _combined(
+    output: torch.Tensor, hidden_states: torch.Tensor, routed: RoutedTokens, top_k: int
+) -> torch.Tensor:
+    weights = torch.cat(routed.routing_weights)
+    weighted = (output * weights[:, None]).to(hidden_states.dtype)
+    return sum_in_expert_order(weighted, routed.tokens, hidden_states.shape[0], top_k)
 
 
 def sum_in_expert_order(

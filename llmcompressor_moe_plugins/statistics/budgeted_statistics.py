@@ -77,17 +77,26 @@ class ExpertBudget:
             self.logged.add(message)
             logger.info(message)
 
-    def record(self, modifier, mlp, hidden_states, index, routed, weights) -> bool:
+    def one_pass(self, mlp, hidden_states) -> bool:
+        """Whether the block of expert ``mlp`` accumulates its statistics as its
+        forwards run (no budget, or one group), planning it at its first forward."""
         found = self.expert_of.get(mlp.gate_proj)
-        if found is None:
-            return False
-        block, expert = found
+        return found is None or len(self._planned(found[0], hidden_states)) == 1
+
+    def _planned(self, block: _Block, hidden_states) -> list[list[int]]:
         if block.record is None:
             if not self.auto_decided:  # one automatic budget per run
                 self.auto_decided = True
                 self.auto_bytes = auto_budget_bytes(hidden_states.device)
             self._plan(block, self.auto_bytes)
-        if len(block.record.groups) == 1:
+        return block.record.groups
+
+    def record(self, modifier, mlp, hidden_states, index, routed, weights) -> bool:
+        found = self.expert_of.get(mlp.gate_proj)
+        if found is None:
+            return False
+        block, expert = found
+        if len(self._planned(block, hidden_states)) == 1:
             return False
         block.device = hidden_states.device
         block.record.add(expert, hidden_states, index, routed, weights)

@@ -264,6 +264,11 @@ class SharedHessianGPTQModifier(GPTQModifier):
         not calibrated on it)."""
         self._shrinkage.observe(dispatcher, hidden_states, weights)
 
+    def weighted_in_one_pass(self, mlp, hidden_states) -> bool:
+        """Whether this block's weighted statistics are summed as its forwards run
+        (then they may come from any path), not recorded for a budget's groups."""
+        return self._budget.one_pass(mlp, hidden_states)
+
     def record_weighted(self, mlp, hidden_states, index, routed, weights) -> bool:
         """Keep what rebuilds these statistics if the layer is planned in groups."""
         return self._budget.record(self, mlp, hidden_states, index, routed, weights)
