@@ -328,8 +328,8 @@ class WeightComputedPaths:
             # said once per run at info (the first block), then per block at debug
             log = logger.debug if grouped_experts.stack_builds > 1 else logger.info
             log(
-                f"{self.name}: unobserved forwards in one grouped GEMM per "
-                "projection (relative difference from calling each expert "
+                f"{self.name}: the experts in one grouped GEMM per projection "
+                "(relative difference from calling each expert "
                 f"{float(error):.1e})"
             )
         else:
