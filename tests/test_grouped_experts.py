@@ -322,3 +322,37 @@ def test_a_layer_split_by_the_budget_keeps_its_recorded_statistics(monkeypatch):
     for name, hessians in expected.items():
         for ours, loop in zip(solved[name], hessians, strict=True):
             assert torch.equal(ours, loop), name
+
+
+@pytest.mark.parametrize("calibrating", [False, True])
+def test_kernels_that_fail_on_the_first_try_leave_the_block_to_the_loop(
+    calibrating, monkeypatch
+):
+    x = torch.randn(60, 128)
+    if calibrating:  # the loop's, before the kernels are refused
+        expected, expected_outputs, _ = calibrate_twice(
+            linearized_block(n_routed_experts=EXPERTS), x, monkeypatch
+        )
+    monkeypatch.setattr(grouped_experts, "device_runs_grouped_gemms", lambda *_: True)
+
+    def refused(*_args, **_kwargs):
+        raise RuntimeError("grouped gemm: strides must be 16-byte aligned")
+
+    monkeypatch.setattr(grouped_experts.F, "grouped_mm", refused)
+    block = linearized_block(n_routed_experts=EXPERTS)
+    try:
+        if calibrating:
+            solved, outputs, module = calibrate_twice(block, x, monkeypatch)
+            assert all(map(torch.equal, outputs, expected_outputs))
+            for name, hessians in expected.items():
+                assert all(map(torch.equal, solved[name], hessians)), name
+        else:
+            with torch.no_grad():
+                original = block(x)
+            module = swapped(block)
+            for _ in range(2):
+                assert torch.equal(propagate(module, x), original)
+    finally:
+        grouped_experts.drop_stack()
+    assert module.dispatcher._grouped_agrees is False
+    assert grouped_experts.held_stack() is None

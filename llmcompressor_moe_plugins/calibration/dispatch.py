@@ -198,12 +198,8 @@ class ExpertDispatcher(WeightComputedPaths):
                     indices.shape[1],
                 )
             if stack is not None:  # checked against this forward's loop first
-                grouped = grouped_experts.grouped_forward(
-                    stack,
-                    self.gated_mlps()[0].activate,
-                    hidden_states,
-                    routed_tokens,
-                    indices.shape[1],
+                grouped = self._grouped_output(
+                    stack, hidden_states, routed_tokens, indices.shape[1]
                 )
         combined = torch.zeros_like(hidden_states)
         experts = self._callable_experts(hidden_states, calibrating)

@@ -276,13 +276,32 @@ class WeightComputedPaths:
         if stack is None:
             self._log_unstacked(mlps)
             return None
-        return grouped_experts.grouped_forward(
-            stack,
-            mlps[0].activate,
-            hidden_states,
-            routed,
-            top_k,
-        )
+        return self._grouped_output(stack, hidden_states, routed, top_k)
+
+    def _grouped_output(
+        self, stack, hidden_states: torch.Tensor, routed: RoutedTokens, top_k: int
+    ) -> torch.Tensor | None:
+        """The grouped GEMMs' block output; on the block's first (checked) try, a
+        failure of the kernels (a shape or alignment they refuse, their memory)
+        leaves the block to the loop instead of stopping the run."""
+        activate = self.gated_mlps()[0].activate
+        if self._grouped_agrees:
+            return grouped_experts.grouped_forward(
+                stack, activate, hidden_states, routed, top_k
+            )
+        try:
+            return grouped_experts.grouped_forward(
+                stack, activate, hidden_states, routed, top_k
+            )
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            self._grouped_agrees = False
+            grouped_experts.drop_stack()
+            logger.warning(
+                f"MoE block {self.name}: grouped GEMMs failed "
+                f"({str(error).splitlines()[0][:200]}); its experts are called "
+                "one by one"
+            )
+            return None
 
     def _statistics_stack(self, hidden_states: torch.Tensor, consumer):
         """The experts' stack for a weighted calibrating forward in grouped GEMMs,
