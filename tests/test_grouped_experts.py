@@ -224,34 +224,15 @@ def calibrate_twice(block, x, monkeypatch, budget_gib=None):
 
 
 def _calibrate_twice(block, x, solves, budget_gib):
-    from llmcompressor.core import State
-
-    from llmcompressor_moe_plugins import SharedHessianGPTQModifier, upstream
     from llmcompressor_moe_plugins.defaults import DEFAULT_MODE
+
+    from .test_weighted_hessians import calibrate_and_compress
 
     module = calibration_module(
         CalibrationGlm4MoeMoE, block, block.config, DEFAULT_MODE, floor=80
     )
-    model = torch.nn.ModuleDict({"mlp": module})
-    state = State(model=model)
-    modifier = SharedHessianGPTQModifier(
-        targets=["Linear"],
-        scheme="W4A16",
-        ignore=["re:.*gate$"],
-        statistics_budget_gib=budget_gib,
-    )
-    try:
-        modifier.initialize(state)
-        modifier.on_calibration_start(state, None)
-        with torch.no_grad():
-            outputs = [module(x), module(x)]
-        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        modifier.on_sequential_epoch_end(state, None, modules=linears)
-        modifier.on_calibration_end(state, None)
-        modifier.finalize(state)
-    finally:
-        upstream.end_run()
-    names = {m: n for n, m in model.named_modules()}
+    _, outputs = calibrate_and_compress(module, x, forwards=2, budget_gib=budget_gib)
+    names = {m: n for n, m in module.named_modules(prefix="mlp")}
     return {names[m]: h for m, h in solves.solved.items()}, outputs, module
 
 

@@ -64,11 +64,18 @@ class SolveRecorder:
         return update_batch_qparams
 
 
-def calibrate_and_compress(module, x, observed: bool) -> SharedHessianGPTQModifier:
+def calibrate_and_compress(
+    module, x, observed: bool = False, forwards: int = 1, budget_gib=None
+) -> tuple[SharedHessianGPTQModifier, list[torch.Tensor]]:
+    """``forwards`` calibrating forwards of ``module`` on ``x``, then the layer's
+    compression: the modifier and the forwards' outputs."""
     model = torch.nn.ModuleDict({"mlp": module})
     state = State(model=model)
     modifier = SharedHessianGPTQModifier(
-        targets=["Linear"], scheme="W4A16", ignore=["re:.*gate$"]
+        targets=["Linear"],
+        scheme="W4A16",
+        ignore=["re:.*gate$"],
+        statistics_budget_gib=budget_gib,
     )
     try:
         modifier.initialize(state)
@@ -77,14 +84,14 @@ def calibrate_and_compress(module, x, observed: bool) -> SharedHessianGPTQModifi
             for expert in module.dispatcher.experts:
                 expert.down_proj.register_forward_hook(lambda *_: None)
         with torch.no_grad():
-            module(x)
+            outputs = [module(x) for _ in range(forwards)]
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
         modifier.on_sequential_epoch_end(state, None, modules=linears)
         modifier.on_calibration_end(state, None)
         modifier.finalize(state)
     finally:
         upstream.end_run()
-    return modifier
+    return modifier, outputs
 
 
 def shrunk(own, weights, all_rows, width, share_of=None):
@@ -126,7 +133,7 @@ def test_each_expert_is_solved_against_its_own_routing_weighted_hessians(
     )
     recorder = SolveRecorder(monkeypatch)
     monkeypatch.setattr(shrinkage, "kept_rows", lambda mlps: KEPT)
-    modifier = calibrate_and_compress(module, x, observed)
+    modifier, _ = calibrate_and_compress(module, x, observed)
     shares = modifier.shrinkage_shares
     assert bool(shares) == shrink
 
