@@ -112,7 +112,7 @@ class ExpertDispatcher(WeightComputedPaths):
         # chunk width): on a batch with tokens, the same on every rank
         self.decisions = BlockDecisions(name)
         self._gated_mlp_list: list[GatedMLP] | None = None
-        # unobserved forwards in grouped GEMMs: None until checked against the loop
+        # the experts in grouped GEMMs (GPU): None until checked against the loop
         self._grouped_agrees: bool | None = None
         self._paths_logged: set[str] = set()
 
