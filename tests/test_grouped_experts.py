@@ -158,12 +158,12 @@ def test_a_stack_that_does_not_fit_leaves_the_loop(block, grouped_on_cpu, monkey
     width = mlps[0].gate_proj.out_features
     assert needed == EXPERTS * 3 * width * 128 * 4  # three float32 projections
     room = needed / grouped_experts.STACK_FRACTION
-    monkeypatch.setattr(grouped_experts, "_allocatable", lambda _: room - 1)
+    monkeypatch.setattr(grouped_experts, "allocatable_bytes", lambda _: room - 1)
     module = swapped(block)
     for _ in range(2):
         assert torch.equal(propagate(module, x), original)  # the loop, exactly
     assert grouped_experts.held_stack() is None
-    monkeypatch.setattr(grouped_experts, "_allocatable", lambda _: room)
+    monkeypatch.setattr(grouped_experts, "allocatable_bytes", lambda _: room)
     propagate(module, x)
     assert grouped_experts.held_stack() is not None
 
@@ -337,3 +337,19 @@ def test_kernels_that_fail_on_the_first_try_leave_the_block_to_the_loop(
         grouped_experts.drop_stack()
     assert module.dispatcher._grouped_agrees is False
     assert grouped_experts.held_stack() is None
+
+
+def test_kernels_that_fail_after_the_check_stop_the_run(
+    block, grouped_on_cpu, monkeypatch
+):
+    x = torch.randn(2, 30, 128)
+    module = swapped(block)
+    propagate(module, x)  # checked: the grouped path is trusted from here
+
+    def out_of_memory(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(grouped_experts.F, "grouped_mm", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        propagate(module, x)
+    assert module.dispatcher._grouped_agrees is True

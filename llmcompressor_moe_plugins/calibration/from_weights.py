@@ -285,15 +285,13 @@ class WeightComputedPaths:
         failure of the kernels (a shape or alignment they refuse, their memory)
         leaves the block to the loop instead of stopping the run."""
         activate = self.gated_mlps()[0].activate
-        if self._grouped_agrees:
-            return grouped_experts.grouped_forward(
-                stack, activate, hidden_states, routed, top_k
-            )
         try:
             return grouped_experts.grouped_forward(
                 stack, activate, hidden_states, routed, top_k
             )
         except (RuntimeError, torch.OutOfMemoryError) as error:
+            if self._grouped_agrees:  # past the check: a real failure
+                raise
             self._grouped_agrees = False
             grouped_experts.drop_stack()
             logger.warning(
@@ -355,6 +353,6 @@ class WeightComputedPaths:
             grouped_experts.drop_stack()
             logger.warning(
                 f"MoE block {self.name}: grouped GEMMs differ from calling each "
-                f"expert by {float(error):.1e} (relative); its unobserved forwards "
-                "call each expert"
+                f"expert by {float(error):.1e} (relative); its experts are called "
+                "one by one"
             )

@@ -1,23 +1,26 @@
-"""A block's experts in one grouped GEMM per projection (``F.grouped_mm``), for the
-forwards nobody observes (propagation, search) on a CUDA GPU.
+"""A block's experts in one grouped GEMM per projection (``F.grouped_mm``) on a
+CUDA GPU: in the forwards nobody observes (propagation, search) and in the default's
+routing-weighted calibrating forwards of a layer calibrated in one pass.
 
 At real widths a block of 128-384 experts is launch-bound: calling each expert costs
 about 16 kernels (a gather, three Linears, the activation, the weighting and an
 ``index_add_``). At GLM-4.5-Air shapes that is 48 ms of a 2048-token propagating
 forward on an H200, of which the matmuls are 2 ms (``benchmarks/RESULTS.md``,
-session 10). Here a block costs a dozen kernels, whatever its expert count: the routed
-rows gathered once, grouped by expert; ``gate``/``up`` in one grouped GEMM; the
-activation; ``down`` in another; the routing weights; and each token's outputs summed
-in ascending expert order, the order of the per-expert ``index_add_``. The only
-difference from the loop is then the GEMMs' rounding; each block checks it once,
-against the loop, before relying on it.
+session 10). Here a block costs a dozen kernels, whatever its expert count (plus,
+when calibrating, each expert's Hessian sums): the rows gathered once, grouped by
+expert; ``gate``/``up`` in one grouped GEMM; the activation; ``down`` in another;
+the routing weights; and each token's outputs summed in ascending expert order, the
+order of the per-expert ``index_add_``. The only difference from the loop is then
+the GEMMs' rounding; each block checks it once, against the loop, before relying on
+it.
 
 The grouped GEMM takes each projection's weights stacked ``[experts, out, in]``: a
 copy of the layer's experts, built at the block's first such forward and kept while
-their weights stay the same tensors, unmodified. One block holds a stack at a time,
-and any calibrating forward drops it, so a stack never shares the device with a
-layer's statistics. It is built only where it fits :data:`STACK_FRACTION` of what the
-device can still allocate (a DeepSeek-V3 layer's 22.5 GiB does not on an 80 GB GPU);
+their weights stay the same tensors, unmodified. One block holds a stack at a time;
+another block's calibrating forward drops it, so a stack never shares the device with
+another layer's statistics (a layer's own calibration builds it after its statistics
+budget is planned). It is built only where it fits :data:`STACK_FRACTION` of what the
+device can still allocate (a DeepSeek-V3 layer's 21 GiB does not on an 80 GB GPU);
 elsewhere the loop runs.
 """
 
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import upstream
+from ..device_memory import allocatable_bytes
 from .batched_experts import GatedMLP
 from .tokens import RoutedTokens
 
@@ -160,27 +164,17 @@ def stack_for(owner: object, mlps: Sequence[GatedMLP]) -> ExpertStack | None:
     """``owner``'s experts stacked: the held stack while their weights are
     unchanged, else a new one (replacing any other block's) where it fits the
     device's memory; None where it does not."""
-    global _held
+    global _held, stack_builds
     key = _weights_key(mlps)
     if _held is not None and _held.key == key:  # the same weights, unchanged
         return _held
-    global stack_builds
     drop_stack()
-    if stack_bytes(mlps) > STACK_FRACTION * _allocatable(mlps[0].gate_proj.weight):
+    room = allocatable_bytes(mlps[0].gate_proj.weight.device)
+    if room is not None and stack_bytes(mlps) > STACK_FRACTION * room:
         return None
     _held = ExpertStack.build(id(owner), mlps, key)
     stack_builds += 1
     return _held
-
-
-def _allocatable(weight: torch.Tensor) -> float:
-    """What the device can still allocate: free memory plus what PyTorch's
-    allocator holds unused (no limit off CUDA)."""
-    if weight.device.type != "cuda":
-        return float("inf")
-    free, _total = torch.cuda.mem_get_info(weight.device)
-    cached = torch.cuda.memory_reserved(weight.device)
-    return free + cached - torch.cuda.memory_allocated(weight.device)
 
 
 @torch.no_grad()
@@ -279,8 +273,7 @@ def _ends(counts: list[int], like: torch.Tensor) -> torch.Tensor:
 def _combined(
     output: torch.Tensor, hidden_states: torch.Tensor, routed: RoutedTokens, top_k: int
 ) -> torch.Tensor:
-    weights = torch.cat(routed.routing_weights)
-    weighted = (output * weights[:, None]).to(hidden_states.dtype)
+    weighted = (output * routed.weights[:, None]).to(hidden_states.dtype)
     return sum_in_expert_order(weighted, routed.tokens, hidden_states.shape[0], top_k)
 
 

@@ -42,14 +42,16 @@ def group_by_expert(
 
 class RoutedTokens(NamedTuple):
     """Each expert's routed tokens and their routing weights, listed by (top-k
-    slot, token) or by (token, slot), and their counts; ``tokens`` and ``experts``
-    are all experts' lists, concatenated, for gathers that serve every expert."""
+    slot, token) or by (token, slot), and their counts; ``tokens``, ``experts``
+    and ``weights`` are all experts' lists, concatenated, for operations that serve
+    every expert."""
 
     by_expert: list[torch.Tensor]
     routing_weights: list[torch.Tensor]
     counts: list[int]
     tokens: torch.Tensor
     experts: torch.Tensor
+    weights: torch.Tensor
 
 
 def routed_by_expert(
@@ -70,12 +72,14 @@ def routed_by_expert(
         slot, tokens = order // num_tokens, order % num_tokens
     else:
         tokens, slot = order // top_k, order % top_k
+    routing_weights = weights[tokens, slot]
     return RoutedTokens(
         list(tokens.split(counts)),
-        list(weights[tokens, slot].split(counts)),
+        list(routing_weights.split(counts)),
         counts,
         tokens,
         expert_ids.reshape(-1)[order],
+        routing_weights,
     )
 
 

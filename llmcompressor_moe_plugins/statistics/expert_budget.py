@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..device_memory import allocatable_bytes
+
 __all__ = [
     "AUTO_FRACTION",
     "BUDGET_FLAG",
@@ -61,11 +63,8 @@ def expert_statistics_bytes(hidden: int, width: int) -> int:
 def auto_budget_bytes(device: torch.device) -> int | None:
     """:data:`AUTO_FRACTION` of what the device could still allocate (free memory
     plus what PyTorch's allocator holds unused), or None (no limit) off CUDA."""
-    if device.type != "cuda":
-        return None
-    free, _total = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return int(AUTO_FRACTION * (free + cached))
+    room = allocatable_bytes(device)
+    return None if room is None else int(AUTO_FRACTION * room)
 
 
 def plan_groups(
