@@ -345,6 +345,48 @@ def check_decision_with_an_empty_rank(rank, size, out):
     assert out["decision_match"] == (True, True)
 
 
+def check_automatic_budget_is_the_smallest_over_ranks(rank, size, out):
+    """Ranks with different free memory plan a block's statistics alike (GPTQ's
+    reductions are positional): with the smallest automatic budget, at the first
+    forward on every rank."""
+    from llmcompressor_moe_plugins.distributed import smallest_on_any_rank
+    from llmcompressor_moe_plugins.statistics import budgeted_statistics
+
+    assert smallest_on_any_rank(None) is None  # no limit anywhere (CPU)
+    assert smallest_on_any_rank(None if rank == 0 else 7) == 7
+    assert smallest_on_any_rank(100 + rank) == 100
+
+    torch.manual_seed(0)
+    mlps = [
+        SimpleNamespace(
+            gate_proj=torch.nn.Linear(16, 8, bias=False),
+            up_proj=torch.nn.Linear(16, 8, bias=False),
+            down_proj=torch.nn.Linear(8, 16, bias=False),
+        )
+        for _ in range(4)
+    ]
+    modifier = SimpleNamespace(
+        _shared_members={m.gate_proj: [m.gate_proj, m.up_proj] for m in mlps},
+        _weighted_members={m.down_proj for m in mlps},
+        statistics_budget_gib=None,  # automatic: planned at the first forward
+        block_size=128,
+    )
+    budget = budgeted_statistics.ExpertBudget()
+    budget.add_block(modifier, "mlp", mlps)
+    block = budget.blocks["mlp"]
+    # rank 0 could hold every expert at once; rank 1 three experts' statistics,
+    # which leave no room for a solve beside two: groups of one
+    free = {0: 10 * sum(block.per_expert), 1: 3 * block.per_expert[0]}
+    original = budgeted_statistics.auto_budget_bytes
+    budgeted_statistics.auto_budget_bytes = lambda device: free[rank]
+    try:
+        assert not budget.one_pass(mlps[0], torch.zeros(3, 16))
+    finally:
+        budgeted_statistics.auto_budget_bytes = original
+    assert block.budget == free[1]
+    assert block.record.groups == [[0], [1], [2], [3]]
+
+
 CHECKS = [
     check_all_reduce_counts,
     check_all_reduce_coverage,
@@ -355,6 +397,7 @@ CHECKS = [
     check_alignment,
     check_reduce_to_owners,
     check_decision_with_an_empty_rank,
+    check_automatic_budget_is_the_smallest_over_ranks,
 ]
 
 

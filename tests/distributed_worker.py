@@ -41,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--floor", type=int, default=None, help="default: the mode's")
     parser.add_argument("--rtn-fallback", action="store_true")
     parser.add_argument("--modifier", choices=["gptq", "shared"], default="gptq")
+    parser.add_argument("--statistics-budget-gib", type=float, default=None)
     parser.add_argument(
         "--load", choices=["plain", "offloaded"], default="plain", help="model loading"
     )
@@ -68,7 +69,8 @@ def build_recipe(args):
     if args.modifier == "gptq":
         gptq = GPTQModifier(**kwargs)
     else:
-        gptq = SharedHessianGPTQModifier(**kwargs)
+        budget = args.statistics_budget_gib
+        gptq = SharedHessianGPTQModifier(**kwargs, statistics_budget_gib=budget)
     floor = {} if args.floor is None else {"floor": args.floor}
     ours = MoECalibrationModifier(
         mode=args.mode,
@@ -150,6 +152,50 @@ def count_hessian_reductions(record: dict):
         dist.reduce = original
 
 
+@contextlib.contextmanager
+def held_expert_statistics(record: dict):
+    """Per compression: the weighted expert Hessians this rank holds once
+    shrinkage has mixed them (zeros where it saw no token), before they are
+    reduced; the workspace limit of the stacked solves and of GPTQ's batches."""
+    from llmcompressor_moe_plugins.statistics import shared_reduction
+    from llmcompressor_moe_plugins.statistics.shared_hessian_gptq import (
+        SharedHessianGPTQModifier,
+    )
+    from llmcompressor_moe_plugins.upstream import gptq
+
+    record["held"], record["limits"] = [], {"stacked": [], "upstream": []}
+    originals = (
+        SharedHessianGPTQModifier._merge_consumed_statistics,
+        shared_reduction.compress_stacked_groups,
+        gptq.batches_within,
+    )
+    merge_consumed, stacked, batches_within = originals
+
+    def merge(self):
+        record["held"].append(len(self._shared_hessians) + len(self._consumed_hessians))
+        return merge_consumed(self)
+
+    def compress_stacked_groups(modifier, groups, limit=None):
+        record["limits"]["stacked"].append(limit)
+        return stacked(modifier, groups, limit)
+
+    def bounded(modifier, limit):
+        record["limits"]["upstream"].append(limit)
+        return batches_within(modifier, limit)
+
+    SharedHessianGPTQModifier._merge_consumed_statistics = merge
+    shared_reduction.compress_stacked_groups = compress_stacked_groups
+    gptq.batches_within = bounded
+    try:
+        yield
+    finally:
+        (
+            SharedHessianGPTQModifier._merge_consumed_statistics,
+            shared_reduction.compress_stacked_groups,
+            gptq.batches_within,
+        ) = originals
+
+
 def quantized_state(model) -> dict[str, torch.Tensor]:
     state = {}
     for name, module in model.named_modules():
@@ -194,6 +240,7 @@ def main(argv=None) -> int:
         with contextlib.ExitStack() as stack:
             stack.enter_context(cpu_only_calibration())
             stack.enter_context(count_hessian_reductions(record))
+            stack.enter_context(held_expert_statistics(record))
             record["coverage_rank"] = {}
             stack.enter_context(rank_counts(record["coverage_rank"]))
             oneshot(

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -401,6 +403,81 @@ def test_two_ranks_weighted_sums_match_one_process_and_meet_the_floor(
         assert block["routed"] == expected_block["routed"]
         assert min(block["calibrated"]) >= 16
     assert floored[0]["hessian_reductions"] == HESSIAN_REDUCTIONS_WEIGHTED
+
+
+def plans(out: Path, rank: int) -> list[str]:
+    """The statistics plans a rank logged."""
+    log = (out / "logs" / f"rank{rank}.log").read_text()
+    return re.findall(r"per-expert statistics: [^\n]*", log)
+
+
+def group_budget(model_dir: Path, experts: int) -> tuple[int, int, int]:
+    """A statistics budget with room for ``experts`` experts' statistics besides
+    the block's all-token statistics and one GPTQ solve (groups of one fewer), in
+    bytes; the all-token statistics' bytes and one expert's."""
+    from transformers import AutoModelForCausalLM
+
+    from llmcompressor_moe_plugins.calibration.modes import DEFAULT_SHRINK
+    from llmcompressor_moe_plugins.statistics.expert_budget import (
+        expert_statistics_bytes,
+    )
+    from llmcompressor_moe_plugins.statistics.shrinkage import target_bytes
+    from llmcompressor_moe_plugins.upstream import gptq
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    hidden, width = model.config.hidden_size, model.config.moe_intermediate_size
+    dtype = model.model.embed_tokens.weight.dtype
+    expert = SimpleNamespace(  # one expert's Linears, as the plugin linearizes them
+        gate_proj=torch.nn.Linear(hidden, width, bias=False, dtype=dtype),
+        down_proj=torch.nn.Linear(width, hidden, bias=False, dtype=dtype),
+    )
+    reserved = target_bytes([expert], DEFAULT_SHRINK)
+    solve = gptq.solve_bytes(2 * width, hidden, 128)
+    expert_bytes = expert_statistics_bytes(hidden, width)
+    return reserved + solve + experts * expert_bytes, reserved, expert_bytes
+
+
+@pytest.mark.slow
+def test_two_ranks_hold_one_group_of_a_split_layer_at_a_time(oneshot_inputs, tmp_path):
+    """The statistics budget under torchrun: every rank sums its share of every
+    expert's statistics, so each rank keeps to the plan as one process does. The
+    shipped default (weighted:2, floor, shrinkage) with a budget of 4 experts a
+    group: every rank plans the same 4 groups and holds one group at a time (the
+    one-pass run holds all 16 experts), and the model equals the one-pass 2-rank
+    run's (the same sums in the same order on each rank, then the same
+    reductions)."""
+    model_dir = oneshot_inputs[0]
+    options = ["--num-samples", str(NUM_SAMPLES), "--mode", "weighted:2"]
+    options += ["--modifier", "shared"]
+    one_pass = run_oneshot(oneshot_inputs, tmp_path / "one-pass", 2, *options)
+    budget, reserved, expert_bytes = group_budget(model_dir, 5)
+    budget_gib = ["--statistics-budget-gib", repr(budget / 2**30)]  # exact
+    split = run_oneshot(oneshot_inputs, tmp_path / "split", 2, *options, *budget_gib)
+
+    # per compression (two before the MoE layers, which hold no expert), the
+    # expert Hessians held: gate/up and down_proj of every expert of the layer
+    for rank, result in enumerate(one_pass):
+        [plan] = plans(tmp_path / "one-pass", rank)
+        assert plan.endswith(": one pass"), plan
+        assert result["held"] == [0, 0] + [2 * 16] * 2, result["held"]
+    # per MoE layer what has statistics first (attention, shared expert: no
+    # expert), then each group of 4
+    for rank, result in enumerate(split):
+        [plan] = plans(tmp_path / "split", rank)
+        assert ": 4 groups" in plan, plan
+        assert result["held"] == [0, 0] + ([0] + [2 * 4] * 4) * 2, result["held"]
+        # each group's solves within what it leaves of the budget (None: GPTQ's
+        # own batches, for what has statistics before the groups)
+        room = budget - reserved - 4 * expert_bytes
+        expected = [None, None] + ([None] + [room] * 4) * 2
+        assert result["limits"] == {"stacked": expected, "upstream": expected}
+    assert_ranks_hold_the_same_model(tmp_path / "split", 2)
+    assert split[0]["coverage_global"] == one_pass[0]["coverage_global"]
+    assert split[0]["hessian_reductions"] == one_pass[0]["hessian_reductions"]
+    ours, theirs = weights(tmp_path / "split"), weights(tmp_path / "one-pass")
+    assert ours.keys() == theirs.keys()
+    for key in ours:  # on one device, bit for bit (as in one process)
+        assert torch.equal(bytes_of(ours[key]), bytes_of(theirs[key])), key
 
 
 @pytest.mark.slow

@@ -47,6 +47,7 @@ from .collectives import (
     failed_ranks,
     local_share,
     require_data_on_every_rank,
+    smallest_on_any_rank,
     wait_for_all_ranks,
 )
 from .gptq_reduction import align_statistics, reduce_to_owners
@@ -75,6 +76,7 @@ __all__ = [
     "all_reduce_coverage",
     "local_share",
     "any_rank",
+    "smallest_on_any_rank",
     "failed_ranks",
     "fail_together",
     "check_same_on_all_ranks",

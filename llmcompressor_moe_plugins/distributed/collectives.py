@@ -26,6 +26,7 @@ __all__ = [
     "all_reduce_coverage",
     "local_share",
     "any_rank",
+    "smallest_on_any_rank",
     "failed_ranks",
     "fail_together",
     "check_same_on_all_ranks",
@@ -141,6 +142,17 @@ def any_rank(flag: bool) -> bool:
         return bool(flag)
     value = torch.tensor([int(bool(flag))], dtype=torch.int64)
     return bool(all_reduce_counts(value, op=dist.ReduceOp.MAX).item())
+
+
+def smallest_on_any_rank(value: int | None) -> int | None:
+    """The smallest ``value`` over ranks (None: no limit, larger than any number),
+    so that a plan sized from each rank's free memory is the same on every rank."""
+    if not is_distributed():
+        return value
+    unlimited = torch.iinfo(torch.int64).max
+    local = torch.tensor([unlimited if value is None else value], dtype=torch.int64)
+    smallest = int(all_reduce_counts(local, op=dist.ReduceOp.MIN).item())
+    return None if smallest == unlimited else smallest
 
 
 @contextlib.contextmanager

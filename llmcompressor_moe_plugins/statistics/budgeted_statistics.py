@@ -1,7 +1,12 @@
 """``SharedHessianGPTQModifier``'s side of the per-expert statistics budget
 (``expert_budget``): a plan per weighted MoE block, the record kept during its
 calibration forwards where the plan has several groups, and the groups rebuilt one
-at a time at compression."""
+at a time at compression.
+
+Under torchrun every rank sums its own share of every expert's statistics, so each
+rank needs the budget as much as one process does, and the ranks must plan alike
+(GPTQ's reduction is positional): the automatic budget is the smallest over ranks,
+and every rank rebuilds the same groups in the same order."""
 
 from __future__ import annotations
 
@@ -10,9 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 from compressed_tensors.offload import disable_offloading
-from compressed_tensors.offload.dist_utils import is_distributed
 from loguru import logger
 
+from .. import distributed
 from ..upstream import gptq
 from .expert_budget import (
     ExpertRecord,
@@ -45,13 +50,13 @@ class ExpertBudget:
     auto_bytes: int | None = None
     auto_decided: bool = False
     logged: set[str] = field(default_factory=set)
+    # while a split block's group is compressed: the block and the group's experts
+    replaying: tuple[_Block, frozenset[int]] | None = None
 
     def add_block(self, modifier, name: str, mlps: list, reserved: int = 0) -> None:
         """Plan the block now where the budget is set (an impossible budget stops
         before calibration), else at its first forward. ``reserved``: bytes the
         block's statistics hold besides the experts'."""
-        if is_distributed():  # each rank holds its own experts' share; no plan
-            return
         per_expert = [
             (mlp.gate_proj in modifier._shared_members)
             * expert_statistics_bytes(mlp.gate_proj.weight.shape[1], 0)
@@ -87,7 +92,9 @@ class ExpertBudget:
         if block.record is None:
             if not self.auto_decided:  # one automatic budget per run
                 self.auto_decided = True
-                self.auto_bytes = auto_budget_bytes(hidden_states.device)
+                self.auto_bytes = distributed.smallest_on_any_rank(
+                    auto_budget_bytes(hidden_states.device)
+                )
             self._plan(block, self.auto_bytes)
         return block.record.groups
 
@@ -102,12 +109,23 @@ class ExpertBudget:
         block.record.add(expert, hidden_states, index, routed, weights)
         return True
 
+    def due(self, gate_proj) -> bool:
+        """Whether this expert's statistics are compressed now: while a split
+        block's group is rebuilt, that group's experts; else the experts of blocks
+        summed in one pass (a split block's wait for their group)."""
+        block, expert = self.expert_of.get(gate_proj, (None, None))
+        if self.replaying is not None:
+            replaying, group = self.replaying
+            return block is replaying and expert in group
+        return block is None or block.record is None or len(block.record.groups) == 1
+
     def rebuild_groups(self, modifier) -> Iterator[int]:
         """For each recorded block, each group in turn: its statistics rebuilt into
         the modifier's, then yielded for compression before the next group, with
         the bytes the group leaves of the budget for GPTQ's solves."""
         for block in self.blocks.values():
             record = block.record
+            # every rank forwards every layer, so every rank recorded this one
             if record is None or not record.inputs:
                 continue
             for group in record.groups:
@@ -116,7 +134,11 @@ class ExpertBudget:
                         group, block.mlps, modifier.consume_weighted, block.device
                     )
                 held = sum(block.per_expert[expert] for expert in group)
-                yield block.budget - block.reserved - held
+                self.replaying = (block, frozenset(group))
+                try:
+                    yield block.budget - block.reserved - held
+                finally:
+                    self.replaying = None
             block.record = ExpertRecord(record.groups)  # the next pass starts empty
 
 

@@ -314,13 +314,15 @@ class SharedHessianGPTQModifier(GPTQModifier):
             self._shared_num_samples[group] = torch.tensor(float(calls), device=device)
         self._weighted_calls.clear()
         with disable_offloading():
-            self._shrinkage.apply(self, gptq.module_names(self))
+            self._shrinkage.apply(self, gptq.module_names(self), due=self._budget.due)
         self._merge_consumed_statistics()
         if is_distributed():
             # one reduction per shared Hessian onto an owning rank, not one per
             # member Linear; the rest takes upstream's (aligned) distributed path
-            compress_shared_hessians(self)
-            return super().compress_modules()
+            compress_shared_hessians(self, solve_room)
+            with gptq.batches_within(self, solve_room):
+                super().compress_modules()
+            return
         hessians, counts = gptq.statistics(self)
         stacked = []
         for group in list(self._shared_hessians):

@@ -14,7 +14,7 @@ from .stacked_gptq import compress_stacked_groups, row_stackable
 __all__ = ["compress_shared_hessians"]
 
 
-def compress_shared_hessians(modifier: Any) -> None:
+def compress_shared_hessians(modifier: Any, solve_room: int | None = None) -> None:
     """Distributed path of ``SharedHessianGPTQModifier.compress_modules``: reduce
     each MoE block's shared input Hessian once (not once per expert Linear), onto
     one owning rank, which quantizes all of the block's stackable members against
@@ -22,7 +22,8 @@ def compress_shared_hessians(modifier: Any) -> None:
 
     Consumes ``modifier._shared_hessians``/``_shared_num_samples``. Members of
     blocks whose schemes cannot be stacked go to GPTQ's own Hessians (one clone
-    each, as before) for GPTQ's normal distributed path.
+    each, as before) for GPTQ's normal distributed path. ``solve_room``: the bytes
+    of GPTQ workspace a budgeted group leaves (None: GPTQ's own batches).
     """
     members_of = modifier._shared_members
     gptq_hessians, gptq_num_samples = gptq.statistics(modifier)
@@ -55,7 +56,7 @@ def compress_shared_hessians(modifier: Any) -> None:
         hessian = modifier._shared_hessians.pop(block)
         count = modifier._shared_num_samples.pop(block)
         owned.append((members_of[block], hessian / count))
-    compress_stacked_groups(modifier, owned)
+    compress_stacked_groups(modifier, owned, solve_room)
     if is_distributed():
         members = [m for block in stacked for m in members_of[block]]
         owner_of = {m: owners[block] for block in stacked for m in members_of[block]}
