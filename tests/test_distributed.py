@@ -481,6 +481,27 @@ def test_two_ranks_hold_one_group_of_a_split_layer_at_a_time(oneshot_inputs, tmp
 
 
 @pytest.mark.slow
+def test_a_budget_no_plan_meets_stops_every_rank(oneshot_inputs, tmp_path):
+    """A budget smaller than one expert's statistics: every rank stops with the
+    same one-line error naming the layer and the flag, none waits for another."""
+    out = tmp_path / "tiny-budget"
+    model, data = oneshot_inputs
+    argv = [sys.executable, str(HERE / "distributed_worker.py")]
+    argv += ["--model", str(model), "--data", str(data), "--out", str(out)]
+    argv += ["--num-samples", str(NUM_SAMPLES), "--timeout", "30"]
+    argv += ["--mode", "weighted:2", "--modifier", "shared"]
+    argv += ["--statistics-budget-gib", "1e-5"]
+    codes = run_ranks(argv, 2, out / "logs", ONESHOT_DEADLINE_S)
+    assert codes == [1, 1]
+    for result in rank_results(out, 2):
+        assert result["error_type"] == "ValueError", result
+        message = result["error"]
+        assert "\n" not in message
+        assert message.startswith("MoE layer model.layers.1.mlp: one expert's")
+        assert "--statistics-budget-gib" in message
+
+
+@pytest.mark.slow
 def test_two_ranks_sampled_mode_is_reproducible(oneshot_inputs, tmp_path):
     """'affinity' draws per block and rank (seeded): two 2-rank runs on the same
     data give the same coverage and bit-identical weights."""
