@@ -11,7 +11,7 @@ import torch
 
 __all__ = [
     "dense_routing_weights",
-    "group_by_expert",
+    "sort_by_expert",
     "RoutedTokens",
     "routed_by_expert",
     "extra_token_indices",
@@ -28,16 +28,16 @@ def dense_routing_weights(
     ).scatter_(1, indices, weights.float())
 
 
-def group_by_expert(
+def sort_by_expert(
     expert_ids: torch.Tensor, num_experts: int
-) -> tuple[list[torch.Tensor], list[int]]:
-    """Positions in ``expert_ids`` (flattened row-major) grouped by expert id,
-    ascending within each group, as ``torch.where(expert_ids == e)`` lists them,
-    and the group sizes: one device sync for all experts, not one per expert."""
+) -> tuple[torch.Tensor, list[int]]:
+    """Positions in ``expert_ids`` (flattened row-major) sorted by expert id,
+    ascending within each expert, as ``torch.where(expert_ids == e)`` lists them,
+    and each expert's count: one device sync for all experts, not one per expert."""
     flat = expert_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts).tolist()
-    return list(order.split(counts)), counts
+    return order, counts
 
 
 class RoutedTokens(NamedTuple):
@@ -66,8 +66,7 @@ def routed_by_expert(
     """
     num_tokens, top_k = indices.shape
     expert_ids = indices.t() if by_slot else indices
-    positions, counts = group_by_expert(expert_ids, num_experts)
-    order = torch.cat(positions)
+    order, counts = sort_by_expert(expert_ids, num_experts)
     if by_slot:
         slot, tokens = order // num_tokens, order % num_tokens
     else:
