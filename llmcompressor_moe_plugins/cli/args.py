@@ -124,8 +124,9 @@ def _add_calibration_arguments(quantize: argparse.ArgumentParser) -> None:
         "--statistics-budget-gib",
         type=float,
         help="most GiB of one MoE layer's per-expert GPTQ statistics held at once "
-        "in a weighted mode; above it the experts are calibrated in groups "
-        "(default: a quarter of the GPU's free memory at the layer)",
+        "in a weighted mode, per process; above it the experts are calibrated in "
+        "groups (default: a quarter of the GPU's free memory at the layer; under "
+        "--distributed the smallest over the processes)",
     )
     quantize.set_defaults(chunk_size=DEFAULT_CHUNK_SIZE)
 

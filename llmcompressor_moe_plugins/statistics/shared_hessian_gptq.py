@@ -63,7 +63,8 @@ class SharedHessianGPTQModifier(GPTQModifier):
         expert (same statistics, far fewer kernel launches; block outputs during
         calibration equal up to rounding instead of bit for bit)
     :param statistics_budget_gib: most GiB of a layer's weighted per-expert
-        Hessians held at once (``expert_budget``; unset: automatic)
+        Hessians held at once, per process under torchrun (``expert_budget``;
+        unset: automatic)
     """
 
     rows_per_call: int = Field(default=16384, ge=1)
