@@ -165,7 +165,7 @@ class Shrinkage:
             self.totals.setdefault(dispatcher, WeightTotals()).add(weights)
 
     def apply(self, modifier, names: dict, due=lambda gate_proj: True) -> None:
-        """Mix every pending expert's Hessians (the modifier's shared input
+        """Mix every due expert's Hessians (the modifier's shared input
         Hessians and consumed ``down_proj`` Hessians) with its block's targets.
 
         Under torchrun each rank holds part of every sum, and the ranks' Hessians
@@ -174,9 +174,9 @@ class Shrinkage:
         counts a sample, which makes the sum the one-process mix. ``due`` (an
         expert's ``gate_proj``): whether its statistics are compressed now (a
         budget's group, or all)."""
-        # under torchrun every due expert of the blocks this pass observed, also
-        # those without tokens on this rank (their targets' parts are here too),
-        # so every rank mixes the same experts; else those with statistics pending
+        # every due expert of the blocks this pass observed that a token reached;
+        # under torchrun also those without tokens on this rank (their targets'
+        # parts are here too), so every rank mixes the same experts
         distributed = is_distributed()
         blocks = [d for d, target in self.targets.items() if target.tokens]
         if not distributed:
@@ -185,14 +185,7 @@ class Shrinkage:
         sample = 1.0 if world()[0] == 0 else 0.0
         input_targets = {}  # per block: its per-token input Hessian, divided once
         for gate_proj, (dispatcher, mlp, index) in self.expert_of.items():
-            if distributed:
-                pending = due(gate_proj)
-            else:
-                pending = (
-                    gate_proj in modifier._shared_hessians
-                    or mlp.down_proj in modifier._consumed_hessians
-                )
-            if dispatcher not in totals or not pending:
+            if dispatcher not in totals or not due(gate_proj):
                 continue
             weight_sum, weight_sq_sum = totals[dispatcher][index]
             if not weight_sum > 0:  # no token on any rank: nothing to solve
