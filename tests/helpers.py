@@ -69,3 +69,23 @@ def install_fake_distribution(root, dist_name, entries, modules):
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
     for module_name, source in modules.items():
         (root / f"{module_name}.py").write_text(textwrap.dedent(source))
+
+
+def group_budget(expert, experts: int) -> tuple[int, int, int]:
+    """A statistics budget with room for ``experts`` experts' statistics besides
+    the block's all-token statistics and one GPTQ W4A16 solve (so the planner makes
+    groups of ``experts - 1``), in bytes; with the all-token statistics' bytes and
+    one expert's. ``expert`` has the plugin's ``gate_proj`` and ``down_proj``."""
+    from llmcompressor_moe_plugins.calibration.modes import DEFAULT_SHRINK
+    from llmcompressor_moe_plugins.statistics.expert_budget import (
+        expert_statistics_bytes,
+    )
+    from llmcompressor_moe_plugins.statistics.shrinkage import target_bytes
+    from llmcompressor_moe_plugins.upstream import gptq
+
+    hidden = expert.gate_proj.weight.shape[1]
+    width = expert.down_proj.weight.shape[1]
+    reserved = target_bytes([expert], DEFAULT_SHRINK)
+    solve = gptq.solve_bytes(2 * width, hidden, 128)  # gate/up stacked, group 128
+    expert_bytes = expert_statistics_bytes(hidden, width)
+    return reserved + solve + experts * expert_bytes, reserved, expert_bytes

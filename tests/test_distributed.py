@@ -25,6 +25,7 @@ from llmcompressor_moe_plugins import distributed
 from llmcompressor_moe_plugins.distributed import DistributedSetupError
 
 from .distributed_checks import CHECKS
+from .helpers import group_budget
 
 HERE = Path(__file__).parent
 # from start to exit per rank group: imports take most of it on a loaded 2-core box
@@ -411,30 +412,17 @@ def plans(out: Path, rank: int) -> list[str]:
     return re.findall(r"per-expert statistics: [^\n]*", log)
 
 
-def group_budget(model_dir: Path, experts: int) -> tuple[int, int, int]:
-    """A statistics budget with room for ``experts`` experts' statistics besides
-    the block's all-token statistics and one GPTQ solve (groups of one fewer), in
-    bytes; the all-token statistics' bytes and one expert's."""
+def tiny_expert(model_dir: Path) -> SimpleNamespace:
+    """One expert's Linears, as the plugin linearizes the model's experts."""
     from transformers import AutoModelForCausalLM
-
-    from llmcompressor_moe_plugins.calibration.modes import DEFAULT_SHRINK
-    from llmcompressor_moe_plugins.statistics.expert_budget import (
-        expert_statistics_bytes,
-    )
-    from llmcompressor_moe_plugins.statistics.shrinkage import target_bytes
-    from llmcompressor_moe_plugins.upstream import gptq
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     hidden, width = model.config.hidden_size, model.config.moe_intermediate_size
     dtype = model.model.embed_tokens.weight.dtype
-    expert = SimpleNamespace(  # one expert's Linears, as the plugin linearizes them
+    return SimpleNamespace(
         gate_proj=torch.nn.Linear(hidden, width, bias=False, dtype=dtype),
         down_proj=torch.nn.Linear(width, hidden, bias=False, dtype=dtype),
     )
-    reserved = target_bytes([expert], DEFAULT_SHRINK)
-    solve = gptq.solve_bytes(2 * width, hidden, 128)
-    expert_bytes = expert_statistics_bytes(hidden, width)
-    return reserved + solve + experts * expert_bytes, reserved, expert_bytes
 
 
 @pytest.mark.slow
@@ -450,7 +438,7 @@ def test_two_ranks_hold_one_group_of_a_split_layer_at_a_time(oneshot_inputs, tmp
     options = ["--num-samples", str(NUM_SAMPLES), "--mode", "weighted:2"]
     options += ["--modifier", "shared"]
     one_pass = run_oneshot(oneshot_inputs, tmp_path / "one-pass", 2, *options)
-    budget, reserved, expert_bytes = group_budget(model_dir, 5)
+    budget, reserved, expert_bytes = group_budget(tiny_expert(model_dir), 5)
     budget_gib = ["--statistics-budget-gib", repr(budget / 2**30)]  # exact
     split = run_oneshot(oneshot_inputs, tmp_path / "split", 2, *options, *budget_gib)
 

@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM
 
 from llmcompressor_moe_plugins import MoECalibrationModifier, SharedHessianGPTQModifier
 from llmcompressor_moe_plugins.calibration.dispatch import ExpertDispatcher
-from llmcompressor_moe_plugins.calibration.modes import DEFAULT_SHRINK
 from llmcompressor_moe_plugins.statistics import (
     expert_budget,
     shared_hessian_gptq,
@@ -21,11 +20,10 @@ from llmcompressor_moe_plugins.statistics.expert_budget import (
     expert_statistics_bytes,
     plan_groups,
 )
-from llmcompressor_moe_plugins.statistics.shrinkage import target_bytes
 from llmcompressor_moe_plugins.statistics.stacked_gptq import solve_batch_cap
 from llmcompressor_moe_plugins.upstream import gptq
 
-from .helpers import calibrate
+from .helpers import calibrate, group_budget
 
 EXPERTS = 16  # the tiny GLM4-MoE: 2 MoE layers of 16 experts
 
@@ -102,9 +100,9 @@ def test_groups_give_the_one_pass_weights(
     # room for 5 experts besides the block's all-token statistics and one GPTQ
     # solve (gate/up stacked: 256 x 128): groups of 4
     expert = one_pass.model.layers[1].mlp.experts[0]
-    reserved = target_bytes([expert], DEFAULT_SHRINK)
+    budget_bytes, reserved, expert_bytes = group_budget(expert, 5)
+    assert expert_bytes == tiny_expert_bytes(one_pass)
     solve = gptq.solve_bytes(2 * 128, 128, 128)
-    budget_bytes = reserved + solve + 5 * tiny_expert_bytes(one_pass)
     budget = budget_bytes / GiB  # exact: GiB is a power of two
     grouped, plans = run(glm4_dir, tokenizer, calibration_data, budget_gib=budget)
     assert len(plans) == 1, plans  # logged once per run, not once per layer
