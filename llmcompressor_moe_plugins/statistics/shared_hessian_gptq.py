@@ -321,9 +321,14 @@ class SharedHessianGPTQModifier(GPTQModifier):
             # one reduction per shared Hessian onto an owning rank, not one per
             # member Linear; the rest takes upstream's (aligned) distributed path
             compress_shared_hessians(self, solve_room)
-            with gptq.batches_within(self, solve_room):
-                super().compress_modules()
-            return
+        else:
+            self._compress_shared_hessians_here(solve_room)
+        with gptq.batches_within(self, solve_room):
+            super().compress_modules()
+
+    def _compress_shared_hessians_here(self, solve_room: int | None) -> None:
+        """One process: stack the shared Hessians' members and solve them; the
+        members that cannot be stacked go to GPTQ's own statistics."""
         hessians, counts = gptq.statistics(self)
         stacked = []
         for group in list(self._shared_hessians):
@@ -339,8 +344,6 @@ class SharedHessianGPTQModifier(GPTQModifier):
                 continue
             stacked.append((members, hessian / num_samples))
         compress_stacked_groups(self, stacked, solve_room)
-        with gptq.batches_within(self, solve_room):
-            super().compress_modules()
 
     def on_finalize(self, state: State, **kwargs) -> bool:
         if self._shared_hessians:
