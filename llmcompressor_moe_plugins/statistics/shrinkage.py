@@ -24,6 +24,7 @@ those rows, not a Hessian per expert, so the per-expert memory plan is unchanged
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -164,7 +165,9 @@ class Shrinkage:
             target.observe(hidden_states)
             self.totals.setdefault(dispatcher, WeightTotals()).add(weights)
 
-    def apply(self, modifier, names: dict, due=lambda gate_proj: True) -> None:
+    def apply(
+        self, modifier, names: dict, due: Callable[[torch.nn.Module], bool]
+    ) -> None:
         """Mix every due expert's Hessians (the modifier's shared input
         Hessians and consumed ``down_proj`` Hessians) with its block's targets.
 
