@@ -3,6 +3,7 @@
 import json
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 from safetensors import safe_open
 
@@ -69,6 +70,21 @@ def install_fake_distribution(root, dist_name, entries, modules):
     (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
     for module_name, source in modules.items():
         (root / f"{module_name}.py").write_text(textwrap.dedent(source))
+
+
+def linearized_expert(model_dir: Path) -> SimpleNamespace:
+    """One expert's Linears of the model in ``model_dir``, as the plugin
+    linearizes its experts (no weights of interest: shapes and dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    hidden, width = model.config.hidden_size, model.config.moe_intermediate_size
+    dtype = model.model.embed_tokens.weight.dtype
+    return SimpleNamespace(
+        gate_proj=torch.nn.Linear(hidden, width, bias=False, dtype=dtype),
+        down_proj=torch.nn.Linear(width, hidden, bias=False, dtype=dtype),
+    )
 
 
 def group_budget(expert, experts: int) -> tuple[int, int, int]:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from llmcompressor_moe_plugins import distributed
 from llmcompressor_moe_plugins.distributed import DistributedSetupError
 
 from .distributed_checks import CHECKS
-from .helpers import group_budget
+from .helpers import group_budget, linearized_expert
 
 HERE = Path(__file__).parent
 # from start to exit per rank group: imports take most of it on a loaded 2-core box
@@ -412,19 +411,6 @@ def plans(out: Path, rank: int) -> list[str]:
     return re.findall(r"per-expert statistics: [^\n]*", log)
 
 
-def tiny_expert(model_dir: Path) -> SimpleNamespace:
-    """One expert's Linears, as the plugin linearizes the model's experts."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    hidden, width = model.config.hidden_size, model.config.moe_intermediate_size
-    dtype = model.model.embed_tokens.weight.dtype
-    return SimpleNamespace(
-        gate_proj=torch.nn.Linear(hidden, width, bias=False, dtype=dtype),
-        down_proj=torch.nn.Linear(width, hidden, bias=False, dtype=dtype),
-    )
-
-
 @pytest.mark.slow
 def test_two_ranks_hold_one_group_of_a_split_layer_at_a_time(oneshot_inputs, tmp_path):
     """The statistics budget under torchrun: every rank sums its share of every
@@ -438,7 +424,7 @@ def test_two_ranks_hold_one_group_of_a_split_layer_at_a_time(oneshot_inputs, tmp
     options = ["--num-samples", str(NUM_SAMPLES), "--mode", "weighted:2"]
     options += ["--modifier", "shared"]
     one_pass = run_oneshot(oneshot_inputs, tmp_path / "one-pass", 2, *options)
-    budget, reserved, expert_bytes = group_budget(tiny_expert(model_dir), 5)
+    budget, reserved, expert_bytes = group_budget(linearized_expert(model_dir), 5)
     budget_gib = ["--statistics-budget-gib", repr(budget / 2**30)]  # exact
     split = run_oneshot(oneshot_inputs, tmp_path / "split", 2, *options, *budget_gib)
 

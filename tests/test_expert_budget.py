@@ -13,6 +13,7 @@ from llmcompressor_moe_plugins.calibration.dispatch import ExpertDispatcher
 from llmcompressor_moe_plugins.statistics import (
     expert_budget,
     shared_hessian_gptq,
+    shared_reduction,
     stacked_gptq,
 )
 from llmcompressor_moe_plugins.statistics.expert_budget import (
@@ -23,7 +24,7 @@ from llmcompressor_moe_plugins.statistics.expert_budget import (
 from llmcompressor_moe_plugins.statistics.stacked_gptq import solve_batch_cap
 from llmcompressor_moe_plugins.upstream import gptq
 
-from .helpers import calibrate, group_budget
+from .helpers import calibrate, group_budget, linearized_expert
 
 EXPERTS = 16  # the tiny GLM4-MoE: 2 MoE layers of 16 experts
 
@@ -55,11 +56,11 @@ def tiny_expert_bytes(model) -> int:
     )
 
 
-def test_groups_give_the_one_pass_weights(
-    glm4_dir, tokenizer, calibration_data, monkeypatch
-):
-    held = []  # per-expert statistics held at each compression
-    rooms = []  # the bytes each compression's GPTQ batches may hold
+def record_compressions(monkeypatch, stacked_caller) -> tuple[list, list, list]:
+    """Per compression of a run: the per-expert statistics held, the room its GPTQ
+    batches were given (None: GPTQ's own), and each batch limit the stacked solves
+    (called from module ``stacked_caller``) and upstream's batches got."""
+    held, rooms, limits = [], [], []
     original = SharedHessianGPTQModifier._compress_pending
 
     def compress_pending(self, solve_room=None):
@@ -67,11 +68,7 @@ def test_groups_give_the_one_pass_weights(
         rooms.append(solve_room)
         return original(self, solve_room)
 
-    monkeypatch.setattr(
-        SharedHessianGPTQModifier, "_compress_pending", compress_pending
-    )
-    limits = []  # (stacked, upstream) batch limits of each compression
-    stacked_groups = shared_hessian_gptq.compress_stacked_groups
+    stacked_groups = stacked_caller.compress_stacked_groups
     batches_within = gptq.batches_within
 
     def compress_stacked_groups(modifier, groups, limit=None):
@@ -83,9 +80,19 @@ def test_groups_give_the_one_pass_weights(
         return batches_within(modifier, limit)
 
     monkeypatch.setattr(
-        shared_hessian_gptq, "compress_stacked_groups", compress_stacked_groups
+        SharedHessianGPTQModifier, "_compress_pending", compress_pending
+    )
+    monkeypatch.setattr(
+        stacked_caller, "compress_stacked_groups", compress_stacked_groups
     )
     monkeypatch.setattr(gptq, "batches_within", bounded)
+    return held, rooms, limits
+
+
+def test_groups_give_the_one_pass_weights(
+    glm4_dir, tokenizer, calibration_data, monkeypatch
+):
+    held, rooms, limits = record_compressions(monkeypatch, shared_hessian_gptq)
     one_pass, plans = run(glm4_dir, tokenizer, calibration_data)
     assert max(held) == 2 * EXPERTS  # gate/up and down_proj of every expert
     assert set(rooms) == {None}  # one pass: upstream's automatic batches
@@ -133,6 +140,26 @@ def test_groups_give_the_one_pass_weights(
         # is within any GPTQ re-run noise
         assert torch.equal(module.weight, other[name].weight), name
         assert torch.equal(module.weight_scale, other[name].weight_scale), name
+
+
+def test_the_distributed_path_gives_each_group_its_room(
+    glm4_dir, tokenizer, calibration_data, monkeypatch
+):
+    """Under torchrun a split layer's shared Hessians go through
+    ``compress_shared_hessians``: its stacked solves, and GPTQ's batches after
+    them, keep to each group's room as in one process. One process stands in for
+    the ranks (the reductions' one-process forms); the two-rank run is
+    tests/test_distributed.py::test_two_ranks_hold_one_group_of_a_split_layer_at_a_time."""
+    monkeypatch.setattr(shared_hessian_gptq, "is_distributed", lambda: True)
+    held, rooms, limits = record_compressions(monkeypatch, shared_reduction)
+    budget, reserved, expert_bytes = group_budget(linearized_expert(glm4_dir), 5)
+    _, plans = run(glm4_dir, tokenizer, calibration_data, budget_gib=budget / GiB)
+    assert len(plans) == 1 and ": 4 groups" in plans[0], plans
+    assert max(held) == 2 * 4 and held.count(2 * 4) == 2 * 4, held
+    group_rooms = [room for room in rooms if room is not None]
+    assert group_rooms == [budget - reserved - 4 * expert_bytes] * (2 * 4), rooms
+    for kind in ("stacked", "upstream"):
+        assert [limit for k, limit in limits if k == kind] == rooms, limits
 
 
 def test_kimi_k2_layers_fit_an_80_gb_gpu():
