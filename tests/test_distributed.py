@@ -195,21 +195,17 @@ def oneshot_inputs(glm4_dir, calibration_data, tmp_path_factory):
     return glm4_dir, data
 
 
-def run_oneshot(inputs, out: Path, world_size: int, *options: str) -> list[dict]:
+def worker_argv(inputs, out: Path, timeout_s: int, *options: str) -> list[str]:
+    """distributed_worker.py's command line: its model and data, where it writes,
+    and its collectives' timeout."""
     model, data = inputs
-    argv = [
-        sys.executable,
-        str(HERE / "distributed_worker.py"),
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--timeout",
-        "60",
-        *options,
-    ]
+    argv = [sys.executable, str(HERE / "distributed_worker.py")]
+    argv += ["--model", str(model), "--data", str(data), "--out", str(out)]
+    return [*argv, "--timeout", str(timeout_s), *options]
+
+
+def run_oneshot(inputs, out: Path, world_size: int, *options: str) -> list[dict]:
+    argv = worker_argv(inputs, out, 60, *options)
     logs = out / "logs"
     if world_size == 1:  # the reference: a plain single process, no torch.distributed
         logs.mkdir(parents=True, exist_ok=True)
@@ -459,12 +455,9 @@ def test_a_budget_no_plan_meets_stops_every_rank(oneshot_inputs, tmp_path):
     """A budget smaller than one expert's statistics: every rank stops with the
     same one-line error naming the layer and the flag, none waits for another."""
     out = tmp_path / "tiny-budget"
-    model, data = oneshot_inputs
-    argv = [sys.executable, str(HERE / "distributed_worker.py")]
-    argv += ["--model", str(model), "--data", str(data), "--out", str(out)]
-    argv += ["--num-samples", str(NUM_SAMPLES), "--timeout", "30"]
-    argv += ["--mode", "weighted:2", "--modifier", "shared"]
-    argv += ["--statistics-budget-gib", "1e-5"]
+    options = ["--num-samples", str(NUM_SAMPLES), "--mode", "weighted:2"]
+    options += ["--modifier", "shared", "--statistics-budget-gib", "1e-5"]
+    argv = worker_argv(oneshot_inputs, out, 30, *options)
     codes = run_ranks(argv, 2, out / "logs", ONESHOT_DEADLINE_S)
     assert codes == [1, 1]
     for result in rank_results(out, 2):
@@ -493,11 +486,8 @@ def test_empty_partition_fails_on_every_rank(oneshot_inputs, tmp_path):
     """1 sample on 2 ranks: rank 0's partition is empty. Both ranks stop with the
     same clear error before loading anything, neither waits for the other
     (upstream alone: datasets raises on rank 0 only, rank 1 waits)."""
-    model, data = oneshot_inputs
     out = tmp_path / "empty"
-    argv = [sys.executable, str(HERE / "distributed_worker.py")]
-    argv += ["--model", str(model), "--data", str(data), "--out", str(out)]
-    argv += ["--num-samples", "1", "--timeout", "30"]
+    argv = worker_argv(oneshot_inputs, out, 30, "--num-samples", "1")
     codes = run_ranks(argv, 2, out / "logs", ONESHOT_DEADLINE_S)
     assert codes == [1, 1]
     for result in rank_results(out, 2):
